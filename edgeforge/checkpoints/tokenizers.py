@@ -28,17 +28,25 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` (fast tokenizers library)."""
+    """A Hugging Face ``tokenizer.json`` (fast tokenizers library).
+
+    Padding and truncation stored in the file are dropped: ``encode`` returns a text's own ids and
+    ``encode_batch`` pads and truncates per call.
+    """
 
     kind = "hf-tokenizer.json"
 
     def __init__(self, tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 source: Path | None = None):
+                 pad_token: str | None = None, source: Path | None = None):
         self._tok = tokenizer
         self.source = source
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        padding = tokenizer.padding  # the file's padding settings, if any, name the pad id
+        self.pad_id = padding["pad_id"] if padding else (tokenizer.token_to_id(pad_token) if pad_token else None)
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
 
     @classmethod
     def from_dir(cls, directory: Path) -> "HFTokenizer":
@@ -57,7 +65,8 @@ class HFTokenizer:
             except (ValueError, OSError) as exc:
                 raise InputError(f"cannot read tokenizer config: {exc}", path=config_path) from exc
         return cls(tok, bos_token=_token_text(special.get("bos_token")),
-                   eos_token=_token_text(special.get("eos_token")), source=path)
+                   eos_token=_token_text(special.get("eos_token")),
+                   pad_token=_token_text(special.get("pad_token")), source=path)
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=bos).ids
@@ -67,6 +76,22 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def encode_batch(self, texts: list[str], max_length: int):
+        """Encoder inputs (input_ids, attention_mask, token_type_ids), int64 [len(texts), longest]: special
+        tokens from the post-processor, each text truncated to ``max_length`` tokens, padded on the right."""
+        import torch
+
+        # Padded positions are masked out, so any id will do when the tokenizer names no pad token.
+        self._tok.enable_padding(pad_id=0 if self.pad_id is None else self.pad_id)
+        self._tok.enable_truncation(max_length)
+        try:
+            encodings = self._tok.encode_batch(list(texts))
+        finally:
+            self._tok.no_padding()
+            self._tok.no_truncation()
+        return tuple(torch.tensor([getattr(e, field) for e in encodings], dtype=torch.int64)
+                     for field in ("ids", "attention_mask", "type_ids"))
 
 
 def _token_text(value) -> str | None:

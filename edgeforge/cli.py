@@ -1,0 +1,134 @@
+"""The `edgeforge` command: parse, call the Python API, print. Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from edgeforge import __version__
+from edgeforge.errors import EdgeforgeError
+
+
+class _Group(click.Group):
+    """Turns edgeforge's typed errors into one line on stderr and their exit code (traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except EdgeforgeError as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"edgeforge: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("edgeforge: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"edgeforge: internal error: {type(exc).__name__}: {first_line} "
+                       f"(rerun with --debug for the traceback)", err=True)
+            ctx.exit(70)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeforge")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+def main(debug: bool) -> None:
+    """Quantize, export and verify Llama and sentence-embedding models for devices.
+
+    Every command that takes a CHECKPOINT runs on the bundled stories260K model when it is omitted.
+    """
+
+
+def _checkpoint_argument():
+    return click.argument("checkpoint", required=False, type=click.Path(path_type=str))
+
+
+def _open(checkpoint: str | None, format: str | None = None):
+    from edgeforge.checkpoints import DEFAULT_CHECKPOINT, open_checkpoint
+
+    return open_checkpoint(checkpoint or DEFAULT_CHECKPOINT, format)
+
+
+def _emit_json(record: dict, destination: str | None) -> None:
+    if destination == "-":
+        click.echo(json.dumps(record, indent=2))
+    elif destination:
+        from edgeforge.fileio import write_json_atomic
+
+        write_json_atomic(destination, record)
+
+
+@main.command()
+@_checkpoint_argument()
+@click.option("--format", "format_", help="Force a checkpoint format (hf, meta, llama2c, gguf) instead of detecting it.")
+@click.option("--json", "json_path", metavar="FILE", help="Also write the record as JSON to FILE ('-' for stdout only).")
+def inspect(checkpoint: str | None, format_: str | None, json_path: str | None) -> None:
+    """Describe a checkpoint: format, architecture, parameters, dtypes, size, tokenizer, quantization.
+
+    Example: edgeforge inspect ./Llama-3.2-1B --json info.json
+    """
+    from edgeforge.checkpoints.summary import format_summary, summarize
+
+    record = summarize(_open(checkpoint, format_))
+    if json_path != "-":
+        click.echo(format_summary(record))
+    _emit_json(record, json_path)
+
+
+@main.command()
+@_checkpoint_argument()
+@click.option("--prompt", "-p", default="", show_default=True, help="Text to continue (empty: start from BOS).")
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0),
+              help="0 for greedy decoding, above 0 to sample.")
+@click.option("--seed", type=int, help="Seed for sampling.")
+def generate(checkpoint: str | None, prompt: str, max_new_tokens: int, temperature: float, seed: int | None) -> None:
+    """Generate text with the fp32 reference model (a sanity check of a checkpoint and its tokenizer).
+
+    Example: edgeforge generate --prompt "Once upon a time" -n 50
+    """
+    import time
+
+    from edgeforge.checkpoints import load_model
+    from edgeforge.errors import InputError
+    from edgeforge.generate import generate as run_generation
+
+    ckpt = _open(checkpoint)
+    if ckpt.architecture != "llama":
+        raise InputError(f"generate needs a decoder; this is a {ckpt.architecture} encoder", path=ckpt.path)
+    if ckpt.tokenizer is None:
+        raise InputError("missing tokenizer (tokenizer.json, tokenizer.model or tok*.bin beside the weights)",
+                         path=ckpt.path)
+    tokenizer, model = ckpt.tokenizer, load_model(ckpt)
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    shown = ""
+    new_ids: list[int] = []
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        new_ids.append(token)
+        text = tokenizer.decode(prompt_ids + new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            click.echo(text[len(shown):], nl=False)
+            shown = text
+
+    shown = tokenizer.decode(prompt_ids)
+    click.echo(shown, nl=False)
+    start = time.perf_counter()
+    run_generation(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                   eos_id=tokenizer.eos_id, on_token=stream)
+    elapsed = time.perf_counter() - start
+    click.echo()
+    click.echo(f"{len(new_ids)} tokens in {elapsed:.2f} s ({len(new_ids) / elapsed:.1f} tok/s, prompt "
+               f"{len(prompt_ids)} tokens, fp32 eager)", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
