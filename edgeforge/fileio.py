@@ -9,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgeforge.errors import InputError
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
@@ -41,3 +43,16 @@ def atomic_directory(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: Path, expected: type = dict):
+    """A JSON object (or list) from ``path``, or InputError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror}", path=path) from exc
+    except ValueError as exc:
+        raise InputError(f"not valid JSON ({exc})", path=path) from exc
+    if not isinstance(data, expected):
+        raise InputError(f"expected a JSON {'object' if expected is dict else 'list'}", path=path)
+    return data

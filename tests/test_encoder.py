@@ -12,8 +12,9 @@ from edgeforge.checkpoints import load_model, open_checkpoint
 from edgeforge.checkpoints.tokenizers import HFTokenizer
 from edgeforge.errors import ConfigError, InputError, UnsupportedError
 from edgeforge.models.encoder import BertConfig, embed
+from tests.conftest import SHARED
 
-MINILM = Path(__file__).resolve().parents[2] / "shared" / "models" / "all-MiniLM-L6-v2"
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 
 
 @pytest.fixture

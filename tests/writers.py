@@ -141,3 +141,100 @@ def write_llama2c(path: Path, config: LlamaConfig, state: dict) -> Path:
         for array in arrays:
             handle.write(array.float().numpy().astype("<f4").tobytes())
     return path
+
+
+def _gguf_name(name: str) -> str:
+    gguf_names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+                  "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+                  "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+                  "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+    stem = name.removesuffix(".weight")
+    if stem.startswith("layers."):
+        _, index, rest = stem.split(".", 2)
+        return f"blk.{index}.{gguf_names[rest]}.weight"
+    return f"{gguf_names[stem]}.weight"
+
+
+def llama3_rope_factors(config: LlamaConfig) -> torch.Tensor:
+    """The ``rope_freqs.weight`` divisors llama.cpp's convert_hf_to_gguf.py writes for llama3 scaling."""
+    import math
+
+    s = config.rope_scaling
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor)
+            factors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def write_gguf(path: Path, config: LlamaConfig, state: dict, *, tensor_type: str = "F32", tokenizer: dict | None = None,
+               architecture: str = "llama", rope_freqs: torch.Tensor | None = None, omit: tuple[str, ...] = ()) -> Path:
+    """A llama GGUF as llama.cpp's converter writes it: q/k rows interleaved, 2-D weights in ``tensor_type``
+    (F32, F16, BF16, Q8_0, Q4_0, Q4_1; quantized only where rows fill whole blocks), norms F32.
+
+    tokenizer: {"model": "llama", "tokens", "scores", "token_types", "bos_id", "eos_id"} or
+    {"model": "gpt2", "pre", "tokens", "merges", "token_types", ...}. Llama-3 rope scaling in ``config``
+    is written as ``rope_freqs.weight`` (or ``rope_freqs`` given explicitly). ``omit`` drops metadata keys.
+    """
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    qtype = Q[tensor_type]
+    writer = gguf.GGUFWriter(path, architecture)
+    arch = architecture
+    fields = [
+        (f"{arch}.context_length", config.max_seq_len, writer.add_uint32),
+        (f"{arch}.embedding_length", config.dim, writer.add_uint32),
+        (f"{arch}.block_count", config.n_layers, writer.add_uint32),
+        (f"{arch}.feed_forward_length", config.hidden_dim, writer.add_uint32),
+        (f"{arch}.attention.head_count", config.n_heads, writer.add_uint32),
+        (f"{arch}.attention.head_count_kv", config.n_kv_heads, writer.add_uint32),
+        (f"{arch}.attention.layer_norm_rms_epsilon", config.norm_eps, writer.add_float32),
+        (f"{arch}.rope.freq_base", config.rope_theta, writer.add_float32),
+        (f"{arch}.rope.dimension_count", config.head_dim, writer.add_uint32),
+        ("general.file_type", int(gguf.LlamaFileType[f"MOSTLY_{tensor_type}" if tensor_type != "F32" else "ALL_F32"]),
+         writer.add_uint32),
+    ]
+    if config.rope_scaling is not None and config.rope_scaling.kind == "linear":
+        fields += [(f"{arch}.rope.scaling.type", "linear", writer.add_string),
+                   (f"{arch}.rope.scaling.factor", config.rope_scaling.factor, writer.add_float32)]
+    if tokenizer is not None:
+        fields += [("tokenizer.ggml.model", tokenizer["model"], writer.add_string),
+                   ("tokenizer.ggml.tokens", tokenizer["tokens"], writer.add_array)]
+        for key, name, add in [("scores", "scores", writer.add_array), ("token_types", "token_type", writer.add_array),
+                               ("merges", "merges", writer.add_array), ("pre", "pre", writer.add_string),
+                               ("bos_id", "bos_token_id", writer.add_uint32),
+                               ("eos_id", "eos_token_id", writer.add_uint32),
+                               ("add_bos", "add_bos_token", writer.add_bool)]:
+            if key in tokenizer:
+                fields.append((f"tokenizer.ggml.{name}", tokenizer[key], add))
+    for key, value, add in fields:
+        if key not in omit:
+            add(key, value)
+    for name, tensor in state.items():
+        tensor = _to_meta_layout(config, name, tensor).float().contiguous().numpy()
+        blocks = gguf.GGML_QUANT_SIZES[qtype][0]
+        if tensor.ndim == 2 and qtype != Q.F32 and tensor.shape[-1] % blocks == 0:
+            data = gguf.quants.quantize(tensor, qtype)
+            writer.add_tensor(_gguf_name(name), data, raw_dtype=None if qtype == Q.F16 else qtype)
+        else:
+            writer.add_tensor(_gguf_name(name), tensor)
+    if rope_freqs is None and config.rope_scaling is not None and config.rope_scaling.kind == "llama3":
+        rope_freqs = llama3_rope_factors(config)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -131,21 +131,6 @@ def formats() -> dict[str, CheckpointFormat]:
     return dict(_FORMATS)
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or InputError naming the file."""
-    import json
-
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", path=path) from exc
-    except ValueError as exc:
-        raise InputError(f"not valid JSON ({exc})", path=path) from exc
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", path=path)
-    return data
-
-
 def require(config: dict, key: str, path: Path):
     """``config[key]``, or InputError naming the missing key and file."""
     if key not in config:

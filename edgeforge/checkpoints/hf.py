@@ -8,9 +8,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from edgeforge.checkpoints.base import Checkpoint, LazyTensors, read_json, register_format, require
+from edgeforge.checkpoints.base import Checkpoint, LazyTensors, register_format, require
 from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError, UnsupportedError
+from edgeforge.fileio import read_json
 from edgeforge.models.llama import LlamaConfig, RopeScaling
 
 _LLAMA_NAMES = [  # HF name pattern -> core name

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from edgeforge.checkpoints.base import Checkpoint, LazyTensors, read_json, register_format, require
+from edgeforge.checkpoints.base import Checkpoint, LazyTensors, register_format, require
 from edgeforge.checkpoints.loading import expected_shapes
 from edgeforge.checkpoints.permute import interleaved_to_rotate_half
 from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError
+from edgeforge.fileio import read_json
 from edgeforge.models.llama import LlamaConfig, RopeScaling
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

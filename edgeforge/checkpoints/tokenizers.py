@@ -37,9 +37,9 @@ class HFTokenizer:
     kind = "hf-tokenizer.json"
 
     def __init__(self, tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, source: Path | None = None):
+                 pad_token: str | None = None, add_bos: bool = True, source: Path | None = None):
         self._tok = tokenizer
-        self.source = source
+        self.source, self.add_bos = source, add_bos  # add_bos: whether encode(bos=True) adds BOS
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
@@ -69,6 +69,7 @@ class HFTokenizer:
                    pad_token=_token_text(special.get("pad_token")), source=path)
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        bos = bos and self.add_bos
         ids = self._tok.encode(text, add_special_tokens=bos).ids
         if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
@@ -138,9 +139,9 @@ class ScoredBPETokenizer:
     """
 
     def __init__(self, pieces: list[str], scores: list[float], *, bos_id: int | None, eos_id: int | None,
-                 space: str = " ", control_ids: set[int] | None = None, kind: str = "scored-bpe",
-                 source: Path | None = None):
-        self.kind, self.source = kind, source
+                 space: str = " ", control_ids: set[int] | None = None, add_bos: bool = True,
+                 kind: str = "scored-bpe", source: Path | None = None):
+        self.kind, self.source, self.add_bos = kind, source, add_bos  # add_bos: whether encode(bos=True) adds BOS
         self.pieces, self.scores, self.space = pieces, scores, space
         self.vocab_size = len(pieces)
         self.bos_id, self.eos_id = bos_id, eos_id
@@ -170,7 +171,7 @@ class ScoredBPETokenizer:
         return cls(pieces, scores, bos_id=1, eos_id=2, control_ids={0}, kind="llama2c-tok.bin", source=path)
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
-        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        ids = [self.bos_id] if bos and self.add_bos and self.bos_id is not None else []
         if not text:
             return ids
         text = (" " + text).replace(" ", self.space)  # dummy-prefix space, as SentencePiece adds

@@ -8,7 +8,6 @@ pipeline: encoder -> mean over the attention mask -> L2 normalise, one vector pe
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeforge.errors import ConfigError, InputError, UnsupportedError
+from edgeforge.fileio import read_json
 
 _HF_REQUIRED = {  # BertConfig field -> transformers config.json key
     "vocab_size": "vocab_size",
@@ -105,30 +105,21 @@ def _sentence_transformers_max_seq_len(directory: Path) -> int | None:
     pipeline is the one forward() runs: Transformer -> mean Pooling -> Normalize."""
     modules_path = directory / "modules.json"
     if modules_path.exists():
-        modules = _read_json(modules_path)
-        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-            raise InputError("expected a JSON list of modules", path=modules_path)
+        modules = read_json(modules_path, list)
+        if not all(isinstance(m, dict) for m in modules):
+            raise InputError("expected a JSON list of module objects", path=modules_path)
         kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
         if kinds != _ST_PIPELINE:
             raise UnsupportedError(f"sentence-transformers pipeline {' -> '.join(kinds)} "
                                    f"(supported: {' -> '.join(_ST_PIPELINE)})", path=modules_path)
         pooling_path = directory / str(modules[1].get("path", "")) / "config.json"
-        pooling = _read_json(pooling_path)
+        pooling = read_json(pooling_path)
         modes = sorted(key for key, value in pooling.items() if key.startswith("pooling_mode_") and value)
         if modes != ["pooling_mode_mean_tokens"]:
             raise UnsupportedError(f"pooling {', '.join(modes) or 'none'} (supported: pooling_mode_mean_tokens)",
                                    path=pooling_path)
     settings_path = directory / "sentence_bert_config.json"
-    return _read_json(settings_path).get("max_seq_length") if settings_path.exists() else None
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", path=path) from exc
-    except ValueError as exc:
-        raise InputError(f"not valid JSON ({exc})", path=path) from exc
+    return read_json(settings_path).get("max_seq_length") if settings_path.exists() else None
 
 
 def hf_bert_name(name: str) -> str | None:

@@ -112,6 +112,14 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
     return torch.where(in_band, smoothed, scaled)
 
 
+def rope_tables(config: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [length, head_dim] for positions 0..length-1, in rotate-half layout."""
+    positions = torch.arange(length, dtype=torch.float64)
+    freqs = torch.outer(positions, rope_inverse_frequencies(config))
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    return freqs.cos().float(), freqs.sin().float()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE. x: [B, H, S, D]; cos, sin: [S, D]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -218,11 +226,9 @@ class Transformer(nn.Module):
 
     def init_buffers(self) -> None:
         """(Re)compute the RoPE tables; loaders call this after building the model on the meta device."""
-        positions = torch.arange(self.config.max_seq_len, dtype=torch.float64)
-        freqs = torch.outer(positions, rope_inverse_frequencies(self.config))
-        freqs = torch.cat((freqs, freqs), dim=-1)  # [max_seq_len, head_dim], rotate-half layout
-        self.register_buffer("rope_cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
+        cos, sin = rope_tables(self.config, self.config.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def setup_cache(self, max_batch_size: int = 1, max_seq_len: int | None = None,
                     dtype: torch.dtype = torch.float32) -> None:

@@ -1,5 +1,12 @@
-"""Quantization: scheme math and int4 packing (`scheme`), activation fake-quant (`activations`),
-the calibration algorithms (`rtn`, `gptq`, `awq`, `smoothquant`) and error metrics (`metrics`).
+"""Calibration-based int8/int4 quantization: recipes in, a quantized checkpoint directory out.
 
-The modules here are pure tensor math: no model loading and no file I/O.
+    from edgeforge.quantize import load_recipe, quantize_checkpoint, load_quantized_model
+    from edgeforge.quantize.calibration import build_calibration
 """
+
+from edgeforge.quantize.checkpoint import load_quantized_model, read_manifest
+from edgeforge.quantize.driver import QuantizeResult, plan_layers, quantize_checkpoint
+from edgeforge.quantize.recipe import Recipe, list_recipes, load_recipe
+
+__all__ = ["QuantizeResult", "Recipe", "list_recipes", "load_quantized_model", "load_recipe", "plan_layers",
+           "quantize_checkpoint", "read_manifest"]

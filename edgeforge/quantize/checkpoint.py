@@ -1,0 +1,151 @@
+"""The quantized checkpoint directory: what quantize writes and export reads.
+
+    model.safetensors   per quantized layer NAME: NAME.qweight (int8, or int4 packed two per uint8),
+                        NAME.scale (float32 [out, groups]), NAME.zero_point (int8, asymmetric only),
+                        NAME.input_scale / NAME.input_zero_point (static activations only);
+                        everything else (norms, layers kept in full precision) as NAME.weight, float32
+    edgeforge.json      manifest: source hash, recipe, calibration, tool versions, per-layer schemes and stats
+    calibration.json    fingerprints of the calibration documents (for verify's overlap check)
+    tokenizer files     copied from the source checkpoint
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from edgeforge.checkpoints import Checkpoint, LazyTensors, register_format
+from edgeforge.checkpoints.tokenizers import find_tokenizer
+from edgeforge.errors import InputError
+from edgeforge.fileio import atomic_directory, read_json, write_json_atomic
+from edgeforge.models.llama import LlamaConfig, Transformer
+from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear, set_module
+from edgeforge.quantize.scheme import (ActivationScheme, QuantizedWeight, WeightScheme, dequantize, pack_int4,
+                                       unpack_int4)
+
+MANIFEST = "edgeforge.json"
+KIND = "edgeforge.quantized_checkpoint"
+SCHEMA_VERSION = 1
+
+
+def layer_tensors(name: str, weight: QuantizedWeight, scheme: WeightScheme,
+                  input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The safetensors entries of one quantized layer."""
+    qdata = pack_int4(weight.qdata) if scheme.bits == 4 else weight.qdata
+    out = {f"{name}.qweight": qdata.contiguous(), f"{name}.scale": weight.scale.contiguous()}
+    if weight.zero_point is not None:
+        out[f"{name}.zero_point"] = weight.zero_point.contiguous()
+    if input_qparams is not None:
+        out[f"{name}.input_scale"], out[f"{name}.input_zero_point"] = (t.reshape(1).clone() for t in input_qparams)
+    return out
+
+
+def save_quantized(output_dir: str | Path, *, tensors: dict[str, torch.Tensor], manifest: dict,
+                   fingerprints: tuple[str, ...] | None, tokenizer_files: list[Path]) -> Path:
+    """Write the directory atomically (a temporary sibling renamed into place when complete)."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as tmp:
+        save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json_atomic(tmp / MANIFEST, manifest)
+        if fingerprints is not None:
+            write_json_atomic(tmp / "calibration.json", {"document_fingerprints": list(fingerprints)})
+        for file in tokenizer_files:
+            shutil.copyfile(file, tmp / file.name)
+    return output_dir
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a quantized checkpoint directory, checked for kind and schema version."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.exists():
+        raise InputError(f"not an edgeforge quantized checkpoint (no {MANIFEST})", path=path)
+    manifest = read_json(manifest_path)
+    if manifest.get("kind") != KIND or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise InputError(f"expected kind {KIND!r} schema {SCHEMA_VERSION}, found {manifest.get('kind')!r} "
+                         f"schema {manifest.get('schema_version')!r}", path=manifest_path)
+    return manifest
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    file = path / "model.safetensors"
+    try:
+        return load_file(str(file))
+    except Exception as exc:
+        raise InputError(f"not a readable safetensors file ({exc})", path=file) from exc
+
+
+def _quantized_weight(tensors: dict, name: str, scheme: WeightScheme, path: Path) -> QuantizedWeight:
+    try:
+        qdata = tensors[f"{name}.qweight"]
+        qdata = unpack_int4(qdata) if scheme.bits == 4 else qdata
+        return QuantizedWeight(qdata, tensors[f"{name}.scale"], tensors.get(f"{name}.zero_point"))
+    except KeyError as exc:
+        raise InputError(f"missing tensor {exc.args[0]}", path=path / "model.safetensors") from None
+
+
+def load_quantized_model(path: str | Path) -> Transformer:
+    """The eager quantized model: the Llama core with QuantizedLinear/QuantizedEmbedding modules swapped in."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    config = LlamaConfig.from_dict(manifest["config"])
+    tensors = _read_tensors(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    for name, layer in manifest["layers"].items():
+        scheme = WeightScheme.from_dict(layer["scheme"])
+        weight = _quantized_weight(tensors, name, scheme, path)
+        if name == "tok_embeddings":
+            set_module(model, name, QuantizedEmbedding(weight, scheme))
+            continue
+        activations = ActivationScheme(layer["activations"])
+        input_qparams = None
+        if activations is ActivationScheme.STATIC_INT8:
+            input_qparams = (tensors[f"{name}.input_scale"][0], tensors[f"{name}.input_zero_point"][0])
+        set_module(model, name, QuantizedLinear(weight, scheme, activations, input_qparams))
+    plain = {k: v for k, v in tensors.items() if k.endswith(".weight")}
+    missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in plain]
+    if missing:
+        raise InputError(f"missing tensor {missing[0]}", path=path / "model.safetensors")
+    model.load_state_dict(plain, strict=False, assign=True)
+    model.init_buffers()
+    return model.eval()
+
+
+def _is_quantized_dir(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).exists() and (path / "model.safetensors").exists()
+
+
+@register_format("edgeforge", detect=_is_quantized_dir)
+def open_quantized(path: Path) -> Checkpoint:
+    """A quantized checkpoint seen as a plain one: weights dequantized to float32 on read (for inspect)."""
+    manifest = read_manifest(path)
+    config = LlamaConfig.from_dict(manifest["config"])
+    stored = _read_tensors(path)
+    lazy = LazyTensors(path)
+    for name, layer in manifest["layers"].items():
+        scheme = WeightScheme.from_dict(layer["scheme"])
+        weight = _quantized_weight(stored, name, scheme, path)
+        lazy.add(f"{name}.weight", weight.qdata.shape, f"INT{scheme.bits}",
+                 lambda w=weight: dequantize(w.qdata, w.scale, w.zero_point))
+    for name, tensor in stored.items():
+        if name.endswith(".weight"):
+            lazy.add(name, tensor.shape, "F32", lambda t=tensor: t)
+    counts: dict[str, int] = {}
+    for layer in manifest["layers"].values():
+        scheme = layer["scheme"]
+        key = f"int{scheme['bits']} " + (f"g{scheme['group_size']}" if scheme["group_size"] else "per-channel")
+        counts[key] = counts.get(key, 0) + 1
+    quantization = {"recipe": manifest["recipe"]["name"], "algorithm": manifest["recipe"]["algorithm"],
+                    "activations": manifest["recipe"]["activations"],
+                    "layers": ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))}
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return Checkpoint(path=path, format="edgeforge", architecture="llama", config=replace(config), tensors=lazy,
+                      tokenizer=find_tokenizer(path, vocab_size=config.vocab_size), files=files,
+                      metadata={"quantization": quantization, "source": manifest["source"]["path"]})

@@ -1,0 +1,346 @@
+"""Block-by-block quantization: checkpoint + recipe + calibration text -> quantized checkpoint directory.
+
+One decoder block is read from the checkpoint at a time (tensors are read lazily), so peak memory
+is about one fp32 block, the calibration activations and the quantized result, not the fp32 model.
+Inside a block the four groups of linears that share an input are handled in order
+(qkv, wo, gate/up, down). Each group's input is computed with the groups before it already
+quantized, so GPTQ corrects the error that really reaches it ("true sequential").
+AWQ and SmoothQuant first fold per-channel scales into the op producing each group's input
+(an exact rewrite of the fp32 block), then the weights are rounded.
+
+This is our own driver rather than torchao's GPTQ/AWQ flows: those are prototypes that expect the
+whole model in memory and hook every linear at once, which is what streaming must avoid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgeforge import __version__
+from edgeforge.checkpoints import Checkpoint
+from edgeforge.errors import ConfigError, UnsupportedError
+from edgeforge.models.llama import LlamaConfig, RMSNorm, TransformerBlock, rope_tables
+from edgeforge.quantize.activations import quantize_activations_per_token, static_activation_qparams
+from edgeforge.quantize.awq import awq_search_scales
+from edgeforge.quantize.calibration import CalibrationSet
+from edgeforge.quantize.checkpoint import KIND, SCHEMA_VERSION, layer_tensors, save_quantized
+from edgeforge.quantize.fold import fold_scales_into_linear, fold_scales_into_norm
+from edgeforge.quantize.gptq import HessianAccumulator, gptq_quantize
+from edgeforge.quantize.metrics import relative_output_error, sqnr_db
+from edgeforge.quantize.recipe import Recipe
+from edgeforge.quantize.rtn import mse_clip_search, rtn_quantize
+from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, WeightScheme, dequantize
+from edgeforge.quantize.smoothquant import smoothquant_scales
+
+# (op producing the shared input, linears reading it), in block order
+GROUPS = (
+    ("attention_norm", ("attention.wq", "attention.wk", "attention.wv")),
+    ("attention.wv", ("attention.wo",)),
+    ("ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
+    ("feed_forward.w3", ("feed_forward.w2",)),
+)
+BATCH = 8  # calibration sequences per forward
+PROBE_ROWS = 4096  # token rows kept per group for AWQ's search and the sensitivity table
+GPTQ_ROW_CHUNK = 8192  # GPTQ rows are independent given the Hessian: chunk them to bound memory
+CLIPPING = {"mse", "awq", "gptq", "awq+gptq"}  # int4 scales from an MSE clip search (AWQ's auto-clip)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer gets, decided before any long work (pre-flight)."""
+
+    name: str
+    in_features: int
+    scheme: WeightScheme | None  # None: kept in full precision
+    note: str | None = None  # why the recipe's scheme was replaced (fallback)
+
+
+@dataclass
+class QuantizeResult:
+    output_dir: Path
+    manifest: dict
+    seconds: float
+
+
+def plan_layers(config: LlamaConfig, recipe: Recipe) -> dict[str, LayerPlan]:
+    """Every quantizable layer's scheme, with fallbacks applied, in execution order."""
+    widths = {"attention.wq": config.dim, "attention.wk": config.dim, "attention.wv": config.dim,
+              "attention.wo": config.n_heads * config.head_dim, "feed_forward.w1": config.dim,
+              "feed_forward.w3": config.dim, "feed_forward.w2": config.hidden_dim}
+    plans = {}
+    if recipe.embedding is not None:
+        scheme, note = recipe.embedding, None
+        if scheme.group_size and config.dim % scheme.group_size:
+            scheme, note = WeightScheme(8, None, scheme.symmetric), (
+                f"group size {scheme.group_size} does not divide width {config.dim}: int8 per-channel")
+        plans["tok_embeddings"] = LayerPlan("tok_embeddings", config.dim, scheme, note)
+    for index in range(config.n_layers):
+        for _, linears in GROUPS:
+            for short in linears:
+                name = f"layers.{index}.{short}"
+                plans[name] = LayerPlan(name, widths[short], *recipe.scheme_for(name, widths[short]))
+    plans["output"] = LayerPlan("output", config.dim, *recipe.scheme_for("output", config.dim))
+    return plans
+
+
+def quantize_checkpoint(checkpoint: Checkpoint, recipe: Recipe, *, calibration: CalibrationSet | None,
+                        output_dir: str | Path, progress: Callable[[str], None] | None = None) -> QuantizeResult:
+    """Quantize ``checkpoint`` with ``recipe`` and write the quantized checkpoint to ``output_dir``."""
+    start = time.perf_counter()
+    if checkpoint.architecture != "llama":
+        raise UnsupportedError(f"quantize handles Llama decoders; this is a {checkpoint.architecture} model",
+                               path=checkpoint.path)
+    if recipe.needs_calibration and calibration is None:
+        raise ConfigError(f"recipe {recipe.name} ({recipe.algorithm}) needs calibration text: pass --calib PATH")
+    config: LlamaConfig = checkpoint.config
+    plans = plan_layers(config, recipe)
+    say = progress or (lambda message: None)
+    for plan in plans.values():
+        if plan.note:
+            say(f"fallback {plan.name}: {plan.note}")
+    worker = _BlockQuantizer(checkpoint, recipe, plans, calibration)
+    tensors, stats = worker.run(say)
+    manifest = {
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "architecture": "llama",
+        "config": replace(config, tie_embeddings=False).to_dict(),
+        "source": {"path": str(checkpoint.path), "format": checkpoint.format, "sha256": checkpoint.content_hash()},
+        "recipe": recipe.to_dict(),
+        "calibration": calibration.describe() if calibration is not None else None,
+        "layers": stats,
+        "fallbacks": {p.name: p.note for p in plans.values() if p.note},
+        "versions": {"edgeforge": __version__, "torch": torch.__version__, "torchao": _version("torchao")},
+    }
+    tokenizer_files = [checkpoint.tokenizer.source] if checkpoint.tokenizer is not None and \
+        getattr(checkpoint.tokenizer, "source", None) and Path(checkpoint.tokenizer.source).is_file() else []
+    if tokenizer_files and tokenizer_files[0].name == "tokenizer.json":
+        sibling = tokenizer_files[0].parent / "tokenizer_config.json"
+        tokenizer_files += [sibling] if sibling.exists() else []
+    save_quantized(output_dir, tensors=tensors, manifest=manifest,
+                   fingerprints=calibration.document_fingerprints if calibration is not None else None,
+                   tokenizer_files=tokenizer_files)
+    return QuantizeResult(Path(output_dir), manifest, time.perf_counter() - start)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class _BlockQuantizer:
+    """Holds the calibration hidden states and walks the blocks; the quantized tensors collect in ``out``."""
+
+    def __init__(self, checkpoint: Checkpoint, recipe: Recipe, plans: dict[str, LayerPlan],
+                 calibration: CalibrationSet | None):
+        self.checkpoint, self.recipe, self.plans = checkpoint, recipe, plans
+        self.config: LlamaConfig = checkpoint.config
+        self.algorithm = recipe.algorithm
+        self.activations = recipe.activations
+        self.out: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, dict] = {}
+        tokens = calibration.tokens if calibration is not None else None
+        self.batches = list(tokens.split(BATCH)) if tokens is not None else []
+        seq_len = tokens.shape[1] if tokens is not None else 1
+        self.cos, self.sin = rope_tables(self.config, seq_len)
+
+    def run(self, say: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        embedding = self.checkpoint.tensors["tok_embeddings.weight"]
+        hidden = [F.embedding(batch, embedding) for batch in self.batches]
+        self._quantize_embedding(embedding)
+        del embedding
+        total = self.config.n_layers
+        for index in range(total):
+            started = time.perf_counter()
+            block = self._load_block(index)
+            with torch.no_grad():
+                hidden = self._quantize_block(block, index, hidden)
+            summary = ", ".join(f"{name.split('.')[-1]} {self.stats[f'layers.{index}.{name}'].get('rel_error', 0):.4f}"
+                                for _, names in GROUPS for name in names)
+            say(f"[{index + 1}/{total}] layers.{index} {time.perf_counter() - started:.1f}s rel.err {summary}")
+        with torch.no_grad():
+            self._quantize_head(hidden)
+        say(f"[head] output {self.stats.get('output', {}).get('rel_error', float('nan')):.4f} rel.err")
+        return self.out, self.stats
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _load_block(self, index: int) -> TransformerBlock:
+        with torch.device("meta"):
+            block = TransformerBlock(self.config)
+        prefix = f"layers.{index}."
+        block.load_state_dict({name: self.checkpoint.tensors[prefix + name] for name in block.state_dict()},
+                              assign=True)
+        return block.eval()
+
+    def _quantize_embedding(self, embedding: torch.Tensor) -> None:
+        plan = self.plans.get("tok_embeddings")
+        if plan is None:
+            self.out["tok_embeddings.weight"] = embedding.clone()
+            return
+        weight = rtn_quantize(embedding, plan.scheme)
+        self.out.update(layer_tensors("tok_embeddings", weight, plan.scheme))
+        self.stats["tok_embeddings"] = {"scheme": plan.scheme.to_dict(), "activations": "none", "algorithm": "rtn",
+                                        "weight_sqnr_db": sqnr_db(embedding, dequantize(*weight))}
+
+    def _stage_inputs(self, block: TransformerBlock, hidden: list[torch.Tensor], stage: int):
+        """Per batch, the input of GROUPS[stage] given the block's current weights (and h after attention)."""
+        for x in hidden:
+            if stage == 0:
+                yield block.attention_norm(x)
+                continue
+            attn_in = _attention_context(block, block.attention_norm(x), self.cos, self.sin)
+            if stage == 1:
+                yield attn_in
+                continue
+            h = x + block.attention.wo(attn_in)
+            z = block.ffn_norm(h)
+            yield z if stage == 2 else F.silu(block.feed_forward.w1(z)) * block.feed_forward.w3(z)
+
+    def _quantize_block(self, block: TransformerBlock, index: int, hidden: list[torch.Tensor]):
+        if self.algorithm in ("awq", "awq+gptq", "smoothquant") and hidden:
+            self._fold_scales(block, index, hidden)
+        for stage, (_, linears) in enumerate(GROUPS):
+            modules = {f"layers.{index}.{short}": block.get_submodule(short) for short in linears}
+            self._quantize_group(modules, lambda s=stage: self._stage_inputs(block, hidden, s))
+        for norm in ("attention_norm", "ffn_norm"):  # AWQ/SmoothQuant may have rescaled them
+            self.out[f"layers.{index}.{norm}.weight"] = block.get_submodule(norm).weight.detach().clone()
+        return [block(x, self.cos, self.sin) for x in hidden]
+
+    def _fold_scales(self, block: TransformerBlock, index: int, hidden: list[torch.Tensor]) -> None:
+        """AWQ / SmoothQuant: choose per-channel scales on the fp32 block and fold them in exactly."""
+        n_heads, n_kv = self.config.n_heads, self.config.n_kv_heads
+        probes = [_probe_rows(self._stage_inputs(block, hidden, stage)) for stage in range(len(GROUPS))]
+        for (producer, linears), rows in zip(GROUPS, probes):
+            if producer == "attention.wv" and n_heads != n_kv:
+                continue  # grouped-query attention: wv rows feed several wo columns, nothing exact to fold
+            modules = [block.get_submodule(short) for short in linears]
+            weights = [m.weight for m in modules]
+            schemes = [self.plans[f"layers.{index}.{short}"].scheme for short in linears]
+            if any(s is None for s in schemes):
+                continue
+            if self.algorithm == "smoothquant":
+                scales = smoothquant_scales(rows.abs().amax(dim=0), weights, alpha=self.recipe.smoothquant.alpha)
+            else:
+                scales = awq_search_scales(weights, rows, schemes[0], grid=self.recipe.awq.grid)
+            producer_module = block.get_submodule(producer)
+            if producer.endswith("norm"):
+                new_producer, new_weights = fold_scales_into_norm(producer_module.weight, weights, scales)
+            else:
+                new_producer, new_weights = fold_scales_into_linear(producer_module.weight, weights, scales)
+            producer_module.weight = torch.nn.Parameter(new_producer, requires_grad=False)
+            for module, weight in zip(modules, new_weights):
+                module.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def _quantize_group(self, modules: dict[str, torch.nn.Linear], inputs: Callable) -> None:
+        """Quantize linears sharing one input; replace their weights by the dequantized result in place."""
+        plans = {name: self.plans[name] for name in modules}
+        active = {name: m for name, m in modules.items() if plans[name].scheme is not None}
+        if not active:
+            for name, module in modules.items():
+                self.out[f"{name}.weight"] = module.weight.detach().clone()
+            return
+        needs_hessian = self.algorithm in CLIPPING
+        width = next(iter(modules.values())).in_features
+        hessian = HessianAccumulator(width) if needs_hessian and self.batches else None
+        low, high, probe = torch.tensor(float("inf")), torch.tensor(float("-inf")), []
+        for x in inputs():
+            if hessian is not None:
+                hessian.add(x)
+            low, high = torch.minimum(low, x.min()), torch.maximum(high, x.max())
+            if sum(p.shape[0] for p in probe) < PROBE_ROWS:
+                probe.append(x.reshape(-1, width))
+        probe = torch.cat(probe)[:PROBE_ROWS] if probe else None
+        input_qparams = static_activation_qparams(low, high) \
+            if self.activations is ActivationScheme.STATIC_INT8 else None
+        h = hessian.hessian() if hessian is not None else None
+        for name, module in modules.items():
+            scheme = plans[name].scheme
+            if scheme is None:
+                self.out[f"{name}.weight"] = module.weight.detach().clone()
+                continue
+            weight = module.weight.detach().float()
+            quantized = self._round(weight, scheme, h)
+            self.out.update(layer_tensors(name, quantized, scheme, input_qparams))
+            dequantized = dequantize(*quantized)
+            self.stats[name] = self._layer_stats(name, scheme, weight, dequantized, probe)
+            module.weight = torch.nn.Parameter(dequantized, requires_grad=False)
+
+    def _round(self, weight: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None) -> QuantizedWeight:
+        clip = None
+        if self.algorithm in CLIPPING and scheme.bits == 4:
+            moment = hessian.diagonal().float() if hessian is not None else None
+            clip = mse_clip_search(weight, scheme, input_second_moment=moment, grid=self.recipe.mse.grid)
+        if hessian is None or self.algorithm not in ("gptq", "awq+gptq"):
+            return rtn_quantize(weight, scheme, clip_ratio=clip)
+        settings = self.recipe.gptq
+        clips = clip.split(GPTQ_ROW_CHUNK) if clip is not None else [None] * len(weight.split(GPTQ_ROW_CHUNK))
+        parts = [gptq_quantize(rows, hessian, scheme, damp=settings.damp, block_size=settings.block_size,
+                               act_order=settings.act_order, clip_ratio=rows_clip)
+                 for rows, rows_clip in zip(weight.split(GPTQ_ROW_CHUNK), clips)]
+        zero = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
+        return QuantizedWeight(torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]), zero)
+
+    def _layer_stats(self, name, scheme, weight, dequantized, probe) -> dict:
+        """Sensitivity of one layer on calibration inputs: output error vs fp32, and plain RTN's for comparison."""
+        record = {"scheme": scheme.to_dict(), "activations": self.activations.value, "algorithm": self.algorithm,
+                  "weight_sqnr_db": sqnr_db(weight, dequantized)}
+        if self.plans[name].note:
+            record["fallback"] = self.plans[name].note
+        if probe is None:
+            return record
+        x_q = quantize_activations_per_token(probe) if self.activations is ActivationScheme.DYNAMIC_INT8 else probe
+        reference = probe @ weight.T
+        quantized_out = x_q @ dequantized.T
+        rtn_out = x_q @ dequantize(*rtn_quantize(weight, scheme)).T
+        record.update(rel_error=relative_output_error(reference, quantized_out),
+                      rel_error_rtn=relative_output_error(reference, rtn_out),
+                      output_sqnr_db=sqnr_db(reference, quantized_out))
+        return record
+
+    def _quantize_head(self, hidden: list[torch.Tensor]) -> None:
+        """The final norm and output head (a separate copy even when the source ties it to the embedding)."""
+        tensors = self.checkpoint.tensors
+        final_norm = RMSNorm(self.config.dim, self.config.norm_eps)
+        final_norm.weight = torch.nn.Parameter(tensors["norm.weight"], requires_grad=False)
+        head = torch.nn.Linear(self.config.dim, self.config.vocab_size, bias=False)
+        head_name = "output.weight" if "output.weight" in tensors else "tok_embeddings.weight"
+        head.weight = torch.nn.Parameter(tensors[head_name], requires_grad=False)
+        plan = self.plans["output"]
+        if self.algorithm in ("awq", "awq+gptq") and plan.scheme is not None and hidden:
+            rows = _probe_rows(final_norm(x) for x in hidden)
+            scales = awq_search_scales([head.weight], rows, plan.scheme, grid=self.recipe.awq.grid)
+            new_norm, (new_head,) = fold_scales_into_norm(final_norm.weight, [head.weight], scales)
+            final_norm.weight = torch.nn.Parameter(new_norm, requires_grad=False)
+            head.weight = torch.nn.Parameter(new_head, requires_grad=False)
+        self._quantize_group({"output": head}, lambda: (final_norm(x) for x in hidden))
+        self.out["norm.weight"] = final_norm.weight.detach().clone()
+
+
+def _attention_context(block: TransformerBlock, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """The attention output before ``wo`` (what ``wo`` reads)."""
+    captured = []
+    handle = block.attention.wo.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        block.attention(x, cos, sin)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def _probe_rows(inputs) -> torch.Tensor:
+    rows, count = [], 0
+    for x in inputs:
+        flat = x.reshape(-1, x.shape[-1])
+        rows.append(flat)
+        count += flat.shape[0]
+        if count >= PROBE_ROWS:
+            break
+    return torch.cat(rows)[:PROBE_ROWS]

@@ -1,0 +1,159 @@
+"""GPTQ on the CPU, one linear at a time (Frantar et al. 2022, arXiv:2210.17323, Algorithm 1).
+
+Quantize the columns of W one by one and spread each column's rounding error over the columns not
+yet quantized, weighted by the inverse Hessian H = E[x xᵀ] of the layer's inputs, so that
+‖X Wᵀ − X Ŵᵀ‖ rather than ‖W − Ŵ‖ is minimised. Updates are applied lazily per block of columns.
+
+Why our own: torchao's GPTQ is a prototype (``torchao.prototype.gptq``) that asserts CUDA, observes
+a whole model through tensor subclasses, and only targets its weight-only int4/int8 tensors, not the
+8da4w layout XNNPACK runs; gpt-fast's calls ``torch.cuda.synchronize``. The block-by-block driver
+needs a plain function of (weight, Hessian) that streams on a CPU.
+
+Differences from the reference code (``gptq.py`` ``fasterquant``):
+- ``static_groups=True`` (the default, and required with ``act_order``) takes every group's qparams
+  from the weight before any update, so columns keep their original groups and the result packs in
+  the normal layout; a clip ratio from ``mse_clip_search`` then applies exactly as searched.
+- Input channels never active during calibration (zero Hessian diagonal) keep their weights and are
+  rounded to nearest; the reference zeroes them. Their identity Hessian row keeps the error local.
+- The Hessian is damped and inverted in float64; the column sweep runs in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from edgeforge.errors import ConfigError, UnsupportedError
+from edgeforge.quantize.scheme import (
+    QuantizedWeight,
+    WeightScheme,
+    check_group_size,
+    compute_qparams,
+    dequantize_values,
+    quantize_values,
+)
+
+
+class HessianAccumulator:
+    """Running mean of x xᵀ over the inputs of one linear (its output error's Hessian, up to 2x).
+
+    Each batch's product is taken in `compute_dtype` (float32 keeps the GEMM fast) and summed in
+    float64, so long calibration runs do not lose precision.
+    """
+
+    def __init__(self, in_features: int, *, compute_dtype: torch.dtype = torch.float32):
+        self.in_features = in_features
+        self.compute_dtype = compute_dtype
+        self.sample_count = 0
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Accumulate a batch of inputs [..., in_features]; every leading position counts as one sample."""
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(inputs.shape)}")
+        rows = inputs.reshape(-1, self.in_features).to(self.compute_dtype)
+        self._sum += (rows.T @ rows).double()
+        self.sample_count += rows.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """Mean of x xᵀ over everything added, float64 [in, in]."""
+        if not self.sample_count:
+            raise ConfigError("GPTQ needs calibration inputs, but none reached this layer")
+        return self._sum / self.sample_count
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = True,
+                  static_groups: bool = True,
+                  clip_ratio: float | torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize `weight` [out, in] with GPTQ against `hessian` [in, in]; same layout as RTN's result.
+
+    damp: added to the Hessian's diagonal, as a fraction of its mean.
+    block_size: columns per lazy batch update (speed only; with dynamic groups it is rounded to a
+        multiple of the group size so a group's columns are current when its qparams are taken).
+    act_order: quantize columns in order of decreasing Hessian diagonal (most active inputs first).
+    static_groups: take group qparams from the weight up front (True) or, as the paper does, from
+        the error-updated columns when the sweep reaches each group (False; not with act_order).
+    clip_ratio: shrinks each group's range before its scale is taken (float or [out, groups]).
+    """
+    weight = weight.float()
+    out_features, in_features = weight.shape
+    group_size = check_group_size(in_features, scheme, f"weight of shape {out_features}x{in_features}")
+    dynamic_groups = not static_groups and scheme.group_size is not None
+    _check_options(damp=damp, block_size=block_size, act_order=act_order, dynamic_groups=dynamic_groups)
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight of shape "
+                         f"{tuple(weight.shape)}")
+
+    n_groups = in_features // group_size
+    ratios = None if clip_ratio is None else torch.ones(out_features, n_groups) * clip_ratio
+    if dynamic_groups:
+        block_size = max(block_size // group_size, 1) * group_size
+        scale = torch.empty(out_features, n_groups)
+        zero_point = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8)
+        column_scheme = dataclasses.replace(scheme, group_size=None)
+    else:
+        scale, zero_point = compute_qparams(weight, scheme, ratios)
+
+    hessian_inverse, order = _ordered_inverse_hessian(hessian, damp=damp, act_order=act_order)
+    columns = weight[:, order]  # a copy, updated in place below
+    original_index = order.tolist()
+    qdata = torch.empty(out_features, in_features, dtype=torch.int8)
+
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        block = columns[:, start:end]
+        block_inverse = hessian_inverse[start:end, start:end]
+        errors = torch.empty_like(block)
+        for i in range(end - start):
+            group = original_index[start + i] // group_size
+            if dynamic_groups and (start + i) % group_size == 0:
+                group_ratio = None if ratios is None else ratios[:, group:group + 1]
+                group_scale, group_zero = compute_qparams(block[:, i:i + group_size], column_scheme, group_ratio)
+                scale[:, group] = group_scale[:, 0]
+                if zero_point is not None:
+                    zero_point[:, group] = group_zero[:, 0]
+            column_scale = scale[:, group]
+            column_zero = None if zero_point is None else zero_point[:, group]
+            column_q = quantize_values(block[:, i], column_scale, column_zero, qmin=scheme.qmin, qmax=scheme.qmax)
+            qdata[:, start + i] = column_q
+            error = (block[:, i] - dequantize_values(column_q, column_scale, column_zero)) / block_inverse[i, i]
+            block[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
+            errors[:, i] = error
+        columns[:, end:] -= errors @ hessian_inverse[start:end, end:]
+
+    return QuantizedWeight(qdata[:, torch.argsort(order)], scale, zero_point)
+
+
+def _check_options(*, damp: float, block_size: int, act_order: bool, dynamic_groups: bool) -> None:
+    if not damp >= 0:
+        raise ConfigError(f"GPTQ damp must be non-negative, got {damp}")
+    if type(block_size) is not int or block_size <= 0:
+        raise ConfigError(f"GPTQ block size must be a positive integer, got {block_size!r}")
+    if act_order and dynamic_groups:
+        raise ConfigError("GPTQ act_order needs static groups: dynamic groups would follow the permuted "
+                          "column order and not pack in the normal layout")
+
+
+def _ordered_inverse_hessian(hessian: torch.Tensor, *, damp: float,
+                             act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damp H, order its columns, and return (U, order), U the float32 upper Cholesky factor of H⁻¹.
+
+    Row i of U, scaled by 1/U[i, i], is the inverse-Hessian row GPTQ needs once the columns before
+    i are fixed (the paper's Cholesky reformulation). Dead inputs get a unit diagonal first.
+    """
+    hessian = hessian.double().clone()
+    hessian.diagonal()[hessian.diagonal() == 0] = 1.0
+    hessian.diagonal().add_(damp * hessian.diagonal().mean())
+    if act_order:
+        order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+        hessian = hessian[order][:, order]
+    else:
+        order = torch.arange(hessian.shape[0])
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if not info:
+        factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+    if info:
+        raise UnsupportedError(f"GPTQ: the damped Hessian is not positive definite (damp={damp}); raise damp")
+    return factor.float(), order

@@ -1,0 +1,66 @@
+"""Eager quantized modules: integer weights + scales as buffers, the arithmetic XNNPACK runs, in float.
+
+Their buffers are exactly what the quantized checkpoint stores (unpacked), and what export reads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeforge.quantize.activations import quantize_activations_per_token, quantize_activations_static
+from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, WeightScheme, dequantize
+
+
+class QuantizedLinear(nn.Module):
+    """y = act_q(x) @ dequant(qdata, scale, zero_point)ᵀ, activations as the scheme says."""
+
+    def __init__(self, weight: QuantizedWeight, scheme: WeightScheme, activations: ActivationScheme,
+                 input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.scheme, self.activations = scheme, activations
+        self.out_features, self.in_features = weight.qdata.shape
+        self.register_buffer("qdata", weight.qdata)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("zero_point", weight.zero_point)
+        if activations is ActivationScheme.STATIC_INT8:
+            self.register_buffer("input_scale", input_qparams[0])
+            self.register_buffer("input_zero_point", input_qparams[1])
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.qdata, self.scale, self.zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations is ActivationScheme.DYNAMIC_INT8:
+            x = quantize_activations_per_token(x)
+        elif self.activations is ActivationScheme.STATIC_INT8:
+            x = quantize_activations_static(x, self.input_scale, self.input_zero_point)
+        return F.linear(x, self.dequantized_weight())
+
+    def extra_repr(self) -> str:
+        group = self.scheme.group_size or "channel"
+        return f"{self.in_features}->{self.out_features}, int{self.scheme.bits} group {group}, act {self.activations.value}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """Weight-only quantized token embedding: rows are dequantized only for the looked-up ids."""
+
+    def __init__(self, weight: QuantizedWeight, scheme: WeightScheme):
+        super().__init__()
+        self.scheme = scheme
+        self.register_buffer("qdata", weight.qdata)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("zero_point", weight.zero_point)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        zero = None if self.zero_point is None else self.zero_point[flat]
+        rows = dequantize(self.qdata[flat], self.scale[flat], zero)
+        return rows.reshape(*ids.shape, -1)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (e.g. "layers.0.attention.wq")."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -1,0 +1,147 @@
+"""The CLI: results on stdout, one-line errors with exit code 2 and no traceback for every bad input."""
+
+import json
+import time
+import zipfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeforge.cli import main
+from tests.conftest import STORIES
+from tests.writers import core_state, random_llama, write_hf, write_meta
+from tests.test_llama import GQA_TIED
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}{result.stderr}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeforge: error: "), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    return write_hf(tmp_path / "hf", GQA_TIED, core_state(random_llama(GQA_TIED)))
+
+
+def test_version_and_fast_help():
+    import subprocess
+    import sys
+
+    assert run("--version").stdout.strip().startswith("edgeforge, version ")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "edgeforge", "--help"], check=True, capture_output=True)
+    assert time.perf_counter() - start < 5, "--help must not import torch"
+    probe = "import sys, edgeforge.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_inspect_bundled_model_and_json(tmp_path):
+    result = run("inspect", "--json", tmp_path / "info.json")
+    assert result.exit_code == 0, result.stderr
+    assert "llama2c" in result.stdout and "260,032" in result.stdout
+    record = json.loads((tmp_path / "info.json").read_text())
+    assert record["parameter_count"] == 260032
+    assert record["config"]["n_kv_heads"] == 4 and record["config"]["tie_embeddings"] is True
+    assert record["tokenizer"]["bos_id"] == 1 and record["dtypes"] == {"F32": 260032}
+    assert record["size_bytes"] > 1_000_000
+
+
+def test_generate_bundled_model_greedy_matches_reference():
+    expected = (STORIES / "greedy_reference.txt").read_text().splitlines()[4]
+    result = run("generate", "-n", 40)
+    assert result.exit_code == 0, result.stderr
+    assert expected.startswith(result.stdout.strip()) and len(result.stdout.strip()) > 100
+
+
+def test_generate_sampling_is_seeded():
+    first = run("generate", "--prompt", "The dog", "-n", 20, "--temperature", 1.0, "--seed", 7).stdout
+    again = run("generate", "--prompt", "The dog", "-n", 20, "--temperature", 1.0, "--seed", 7).stdout
+    other = run("generate", "--prompt", "The dog", "-n", 20, "--temperature", 1.0, "--seed", 8).stdout
+    assert first == again and first != other and first.startswith("The dog")
+
+
+def test_unreadable_path():
+    assert_one_line_error(run("inspect", "/no/such/checkpoint"), "/no/such/checkpoint", "no such file")
+
+
+def test_directory_that_is_no_checkpoint(tmp_path):
+    assert_one_line_error(run("inspect", tmp_path), str(tmp_path), "not a recognised checkpoint")
+
+
+def test_truncated_llama2c(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes((STORIES / "stories260K.bin").read_bytes()[:500_000])
+    assert_one_line_error(run("inspect", path), str(path), "truncated llama2.c checkpoint")
+
+
+def test_corrupt_safetensors(hf_dir):
+    weights = hf_dir / "model.safetensors"
+    weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:1000])
+    assert_one_line_error(run("inspect", hf_dir), str(weights), "not a readable safetensors file")
+
+
+def test_truncated_safetensors_data(hf_dir):
+    weights = hf_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])
+    assert_one_line_error(run("generate", hf_dir), str(hf_dir))
+
+
+def test_missing_config_key(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    del config["hidden_size"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run("inspect", hf_dir), str(hf_dir / "config.json"), "missing config key 'hidden_size'")
+
+
+def test_unknown_architecture(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["model_type"] = "gpt_neox"
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run("inspect", hf_dir), "config.json", "unknown architecture model_type='gpt_neox'")
+
+
+def test_tensor_shape_mismatch(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["intermediate_size"] += 32
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run("inspect", hf_dir), str(hf_dir), "feed_forward.w1.weight has shape (96, 64)",
+                          "config implies (128, 64)")
+
+
+def test_tensor_count_mismatch(tmp_path):
+    state = core_state(random_llama(GQA_TIED))
+    del state["layers.1.feed_forward.w3.weight"]
+    path = write_hf(tmp_path / "hf", GQA_TIED, state)
+    assert_one_line_error(run("inspect", path), "missing tensor layers.1.feed_forward.w3.weight")
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run("inspect", path), "unexpected tensor layers.1.")
+
+
+def test_missing_tokenizer():
+    assert_one_line_error(run("generate", STORIES / "hf"), str(STORIES / "hf"), "missing tokenizer")
+
+
+def test_meta_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    path = write_meta(tmp_path / "meta", GQA_TIED, core_state(random_llama(GQA_TIED)))
+    shard = path / "consolidated.00.pth"
+    state = torch.load(shard, weights_only=True)
+    state["evil"] = zipfile.ZipFile  # not a tensor: only a full unpickler could rebuild it
+    torch.save(state, shard)
+    assert_one_line_error(run("inspect", path), str(shard), "refused")
+
+
+def test_debug_shows_the_traceback():
+    result = CliRunner().invoke(main, ["--debug", "inspect", "/no/such/checkpoint"])
+    assert result.exit_code != 0 and result.exception is not None
+    assert "no such file" in str(result.exception)

@@ -1,0 +1,351 @@
+"""Quantization math: scheme arithmetic, int4 packing, RTN/MSE clipping, GPTQ, AWQ, SmoothQuant, folding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeforge.errors import ConfigError, UnknownNameError, UnsupportedError
+from edgeforge.quantize.activations import (
+    quantize_activations_per_token,
+    quantize_activations_static,
+    static_activation_qparams,
+)
+from edgeforge.quantize.awq import awq_search_scales
+from edgeforge.quantize.fold import fold_scales_into_linear, fold_scales_into_norm
+from edgeforge.quantize.gptq import HessianAccumulator, gptq_quantize
+from edgeforge.quantize.metrics import relative_output_error, sqnr_db
+from edgeforge.quantize.rtn import fake_quantize_weight, mse_clip_search, rtn_quantize
+from edgeforge.quantize.scheme import (
+    ActivationScheme,
+    WeightScheme,
+    check_group_size,
+    compute_qparams,
+    dequantize,
+    pack_int4,
+    quantize,
+    unpack_int4,
+)
+from edgeforge.quantize.smoothquant import smoothquant_scales
+
+INT4_G32 = WeightScheme(bits=4, group_size=32)
+INT8_PER_CHANNEL = WeightScheme(bits=8)
+SCHEMES = [INT4_G32, INT8_PER_CHANNEL, WeightScheme(bits=4, group_size=64, symmetric=False),
+           WeightScheme(bits=8, group_size=32, symmetric=False)]
+
+
+def scheme_id(scheme: WeightScheme) -> str:
+    granularity = f"g{scheme.group_size}" if scheme.group_size else "pc"
+    return f"int{scheme.bits}-{granularity}-{'sym' if scheme.symmetric else 'asym'}"
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def correlated_inputs(samples: int, width: int, seed: int) -> torch.Tensor:
+    """x = z @ A: a non-diagonal Hessian, as real activations have."""
+    gen = generator(seed)
+    return torch.randn(samples, width, generator=gen) @ torch.randn(width, width, generator=gen) / width**0.5
+
+
+def inputs_with_outlier_channels(samples: int, width: int, seed: int) -> torch.Tensor:
+    gen = generator(seed)
+    inputs = torch.randn(samples, width, generator=gen)
+    inputs[:, torch.randperm(width, generator=gen)[:4]] *= 50.0
+    return inputs
+
+
+def output_error(inputs: torch.Tensor, weight: torch.Tensor, approx_weight: torch.Tensor) -> float:
+    return relative_output_error(inputs @ weight.T, inputs @ approx_weight.T)
+
+
+# --- schemes ---------------------------------------------------------------------------------------
+
+def test_weight_scheme_round_trips_through_dict():
+    for scheme in SCHEMES:
+        data = scheme.to_dict()
+        assert data["kind"] == "weight_scheme" and data["version"] == 1, data
+        assert WeightScheme.from_dict(data) == scheme
+
+
+@pytest.mark.parametrize("fields", [{"bits": 3}, {"bits": 4, "group_size": 0}, {"bits": 8, "group_size": 32.0},
+                                    {"bits": 4, "symmetric": "yes"}, {"bits": 4, "granularity": "row"}, {}])
+def test_weight_scheme_rejects_bad_fields(fields):
+    with pytest.raises(ConfigError):
+        WeightScheme.from_dict(fields)
+
+
+def test_activation_scheme_names():
+    assert ActivationScheme.from_name("dynamic_int8") is ActivationScheme.DYNAMIC_INT8
+    with pytest.raises(UnknownNameError, match="dynamic_int8"):
+        ActivationScheme.from_name("int8_dynamic")
+
+
+def test_group_size_that_does_not_divide_names_width_and_group():
+    with pytest.raises(UnsupportedError) as raised:
+        check_group_size(172, INT4_G32, "layers.0.feed_forward.w2")
+    message = str(raised.value)
+    assert "layers.0.feed_forward.w2" in message and "172" in message and "32" in message, message
+    with pytest.raises(UnsupportedError, match="172"):
+        compute_qparams(torch.randn(8, 172), INT4_G32)
+    assert check_group_size(172, INT8_PER_CHANNEL, "w2") == 172
+
+
+# --- quantize / dequantize / pack ------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
+def test_dequantized_weight_is_within_half_a_step(scheme):
+    weight = torch.randn(16, 128, generator=generator(0)) * 0.05
+    scale, zero_point = compute_qparams(weight, scheme)
+    qdata = quantize(weight, scale, zero_point, scheme)
+    assert qdata.dtype == torch.int8 and scheme.qmin <= qdata.min() and qdata.max() <= scheme.qmax
+    step = scale.repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)
+    excess = ((weight - dequantize(qdata, scale, zero_point)).abs() - step / 2).max().item()
+    assert excess <= 1e-6 * weight.abs().max().item(), f"error exceeds scale/2 by {excess}"
+
+
+def test_int4_pack_unpack_round_trip_is_exact():
+    qdata = torch.randint(-8, 8, (6, 64), generator=generator(1), dtype=torch.int8)
+    qdata[0, :2] = torch.tensor([-8, 7], dtype=torch.int8)
+    qdata[1, -2:] = torch.tensor([7, -8], dtype=torch.int8)
+    packed = pack_int4(qdata)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 32)
+    assert packed[0, 0].item() == 0xF0, f"even column goes to the low nibble as q + 8, got {packed[0, 0].item():#04x}"
+    assert torch.equal(unpack_int4(packed), qdata)
+
+
+def test_int4_pack_rejects_out_of_range_and_odd_width():
+    with pytest.raises(ValueError):
+        pack_int4(torch.tensor([[8, 0]], dtype=torch.int8))
+    with pytest.raises(UnsupportedError, match="even"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+
+
+# --- agreement with torchao (what ExecuTorch's 8da4w/8da8w consumes) -------------------------------
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
+def test_qparams_and_values_match_torchao(scheme):
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        choose_qparams_affine,
+        dequantize_affine,
+        quantize_affine,
+    )
+
+    weight = torch.randn(16, 128, generator=generator(2))
+    weight[3] = weight[3].abs()  # a row with no negative values exercises the zero-point clamp
+    block = (1, scheme.group_size or weight.shape[1])
+    mapping = MappingType.SYMMETRIC if scheme.symmetric else MappingType.ASYMMETRIC
+    ao_scale, ao_zero = choose_qparams_affine(weight, mapping, block, torch.int8, quant_min=scheme.qmin,
+                                              quant_max=scheme.qmax, zero_point_dtype=torch.int8, keepdim=True)
+    scale, zero_point = compute_qparams(weight, scheme)
+    assert torch.equal(scale, ao_scale), f"max scale difference {(scale - ao_scale).abs().max().item()}"
+    if scheme.symmetric:
+        assert zero_point is None and not ao_zero.any()
+    else:
+        assert torch.equal(zero_point, ao_zero)
+    ao_q = quantize_affine(weight, block, ao_scale, ao_zero, torch.int8, scheme.qmin, scheme.qmax)
+    qdata = quantize(weight, scale, zero_point, scheme)
+    assert torch.equal(qdata, ao_q), f"{(qdata != ao_q).sum().item()} values differ"
+    ao_dq = dequantize_affine(ao_q, block, ao_scale, ao_zero, torch.int8, scheme.qmin, scheme.qmax)
+    assert torch.equal(dequantize(qdata, scale, zero_point), ao_dq)
+
+
+def test_per_token_activation_quant_matches_torchao():
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        _apply_int8_act_asym_per_token_quant_dequant,
+    )
+
+    activations = torch.randn(2, 7, 96, generator=generator(3)) * 3 + 0.5
+    activations[0, 0] = 0.0  # an all-zero token
+    expected = _apply_int8_act_asym_per_token_quant_dequant(activations)
+    assert torch.equal(quantize_activations_per_token(activations), expected)
+
+
+def test_static_activation_quant_stays_within_half_a_step_inside_the_range():
+    activations = torch.rand(64, 32, generator=generator(4)) * 6 - 2  # [-2, 4)
+    scale, zero_point = static_activation_qparams(-2.0, 4.0)
+    error = (quantize_activations_static(activations, scale, zero_point) - activations).abs().max().item()
+    assert error <= scale.item() / 2 + 1e-6, f"error {error} vs scale {scale.item()}"
+    clamped = quantize_activations_static(torch.tensor([100.0]), scale, zero_point).item()
+    assert clamped == pytest.approx(4.0, abs=scale.item()), clamped
+
+
+# --- RTN and MSE clipping --------------------------------------------------------------------------
+
+def test_mse_clip_search_never_increases_the_weighted_error():
+    weight = torch.randn(32, 128, generator=generator(5))
+    weight[:, 5] *= 8  # outliers make clipping worthwhile
+    second_moment = torch.rand(128, generator=generator(6)) + 0.1
+    ratios = mse_clip_search(weight, INT4_G32, input_second_moment=second_moment, norm=2.0)
+    assert ratios.shape == (32, 4) and ratios.min() >= 0.5 and ratios.max() <= 1.0
+
+    def weighted_error(approx):
+        return ((weight - approx).pow(2) * second_moment).sum().item()
+
+    clipped = weighted_error(fake_quantize_weight(weight, INT4_G32, clip_ratio=ratios))
+    plain = weighted_error(fake_quantize_weight(weight, INT4_G32))
+    assert clipped < plain, f"clipped {clipped} vs min-max {plain}"
+
+
+# --- GPTQ ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gptq_layer():
+    inputs = correlated_inputs(1024, 256, seed=7)
+    weight = torch.randn(64, 256, generator=generator(8)) / 16
+    accumulator = HessianAccumulator(256)
+    for batch in inputs.split(300):
+        accumulator.add(batch)
+    assert accumulator.sample_count == 1024
+    return inputs, weight, accumulator.hessian()
+
+
+@pytest.mark.parametrize("act_order", [True, False], ids=["act_order", "in_order"])
+@pytest.mark.parametrize("scheme", [INT4_G32, INT8_PER_CHANNEL, WeightScheme(bits=4, group_size=64, symmetric=False)],
+                         ids=scheme_id)
+def test_gptq_output_error_is_below_rtn(gptq_layer, scheme, act_order):
+    inputs, weight, hessian = gptq_layer
+    gptq_weight = dequantize(*gptq_quantize(weight, hessian, scheme, act_order=act_order, block_size=64))
+    gptq_error = output_error(inputs, weight, gptq_weight)
+    rtn_error = output_error(inputs, weight, fake_quantize_weight(weight, scheme))
+    assert gptq_error < 0.9 * rtn_error, f"GPTQ {gptq_error:.5f} vs RTN {rtn_error:.5f}"
+
+
+def test_gptq_dynamic_groups_and_clipping_beat_rtn(gptq_layer):
+    inputs, weight, hessian = gptq_layer
+    ratios = mse_clip_search(weight, INT4_G32, input_second_moment=hessian.diagonal().float())
+    for static_groups in (True, False):
+        result = gptq_quantize(weight, hessian, INT4_G32, act_order=False, static_groups=static_groups,
+                               clip_ratio=ratios, block_size=48)
+        gptq_error = output_error(inputs, weight, dequantize(*result))
+        rtn_error = output_error(inputs, weight, fake_quantize_weight(weight, INT4_G32, clip_ratio=ratios))
+        assert gptq_error < 0.9 * rtn_error, (
+            f"static_groups={static_groups}: GPTQ {gptq_error:.5f} vs RTN {rtn_error:.5f}")
+
+
+def test_gptq_is_deterministic(gptq_layer):
+    _, weight, hessian = gptq_layer
+    first = gptq_quantize(weight, hessian, INT4_G32)
+    second = gptq_quantize(weight.clone(), hessian.clone(), INT4_G32)
+    assert torch.equal(first.qdata, second.qdata) and torch.equal(first.scale, second.scale)
+
+
+def test_gptq_rounds_dead_input_channels_to_nearest(gptq_layer):
+    inputs, weight, _ = gptq_layer
+    inputs = inputs.clone()
+    inputs[:, [3, 100]] = 0.0
+    hessian = inputs.T.double() @ inputs.double() / inputs.shape[0]
+    result = gptq_quantize(weight, hessian, INT4_G32)
+    rtn = rtn_quantize(weight, INT4_G32)
+    assert torch.equal(result.qdata[:, [3, 100]], rtn.qdata[:, [3, 100]])
+    gptq_error = output_error(inputs, weight, dequantize(*result))
+    rtn_error = output_error(inputs, weight, dequantize(*rtn))
+    assert gptq_error < rtn_error, f"GPTQ {gptq_error:.5f} vs RTN {rtn_error:.5f}"
+
+
+def test_gptq_rejects_act_order_with_dynamic_groups(gptq_layer):
+    _, weight, hessian = gptq_layer
+    with pytest.raises(ConfigError, match="static groups"):
+        gptq_quantize(weight, hessian, INT4_G32, act_order=True, static_groups=False)
+
+
+def test_gptq_refuses_a_singular_hessian_without_damping():
+    inputs = torch.randn(256, 64, generator=generator(20))
+    inputs[:, 1] = inputs[:, 0]  # two identical input channels: H is singular
+    hessian = inputs.T.double() @ inputs.double() / 256
+    with pytest.raises(UnsupportedError, match="raise damp"):
+        gptq_quantize(torch.randn(8, 64), hessian, INT4_G32, damp=0.0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: HessianAccumulator(8).hessian(),
+    lambda: gptq_quantize(torch.randn(4, 32), torch.eye(32), INT4_G32, damp=-0.1),
+    lambda: gptq_quantize(torch.randn(4, 32), torch.eye(32), INT4_G32, block_size=0),
+    lambda: mse_clip_search(torch.randn(4, 32), INT4_G32, grid=0),
+    lambda: mse_clip_search(torch.randn(4, 32), INT4_G32, min_ratio=1.5),
+    lambda: awq_search_scales([torch.randn(4, 32)], torch.randn(8, 32), INT4_G32, grid=0),
+    lambda: smoothquant_scales(torch.ones(32), [torch.randn(4, 32)], alpha=1.5),
+], ids=["no-samples", "negative-damp", "zero-block", "zero-grid", "ratio-above-one", "awq-zero-grid", "alpha"])
+def test_algorithm_options_are_validated(call):
+    with pytest.raises(ConfigError):
+        call()
+
+
+# --- AWQ, SmoothQuant, folding ---------------------------------------------------------------------
+
+def awq_error(weights, inputs, scales, scheme) -> float:
+    stacked = torch.cat(weights)
+    quantized = fake_quantize_weight(stacked * scales, scheme)
+    return ((inputs @ stacked.T - (inputs / scales) @ quantized.T).pow(2).mean()).item()
+
+
+def test_awq_is_never_worse_than_no_scaling():
+    inputs = torch.randn(512, 128, generator=generator(9))
+    weights = [torch.randn(48, 128, generator=generator(seed)) for seed in (10, 11)]
+    scales = awq_search_scales(weights, inputs, INT4_G32)
+    searched = awq_error(weights, inputs, scales, INT4_G32)
+    unscaled = awq_error(weights, inputs, torch.ones(128), INT4_G32)
+    assert searched <= unscaled, f"AWQ {searched} vs s=1 {unscaled}"
+
+
+def test_awq_helps_on_outlier_channels():
+    inputs = inputs_with_outlier_channels(512, 128, seed=12)
+    weights = [torch.randn(48, 128, generator=generator(seed)) for seed in (13, 14, 15)]
+    scales = awq_search_scales(weights, inputs, INT4_G32)
+    searched = awq_error(weights, inputs, scales, INT4_G32)
+    unscaled = awq_error(weights, inputs, torch.ones(128), INT4_G32)
+    assert searched < 0.9 * unscaled, f"AWQ {searched} vs s=1 {unscaled}"
+
+
+def test_folding_into_norm_preserves_the_output():
+    gen = generator(16)
+    hidden, norm_weight = torch.randn(8, 64, generator=gen), torch.rand(64, generator=gen) + 0.5
+    weights = [torch.randn(32, 64, generator=gen) for _ in range(3)]
+    scales = torch.rand(64, generator=gen) * 4 + 0.1
+    folded_norm, folded_weights = fold_scales_into_norm(norm_weight, weights, scales)
+    for weight, folded in zip(weights, folded_weights):
+        expected = F.rms_norm(hidden, (64,), norm_weight) @ weight.T
+        actual = F.rms_norm(hidden, (64,), folded_norm) @ folded.T
+        assert torch.allclose(actual, expected, atol=1e-5), f"max difference {(actual - expected).abs().max().item()}"
+
+
+def test_folding_into_previous_linear_preserves_the_feed_forward():
+    gen = generator(17)
+    hidden = torch.randn(8, 32, generator=gen)
+    w1, w3 = torch.randn(96, 32, generator=gen) / 6, torch.randn(96, 32, generator=gen) / 6
+    w2 = torch.randn(32, 96, generator=gen) / 10
+    scales = torch.rand(96, generator=gen) * 4 + 0.1
+    folded_w3, (folded_w2,) = fold_scales_into_linear(w3, [w2], scales)
+    expected = (F.silu(hidden @ w1.T) * (hidden @ w3.T)) @ w2.T
+    actual = (F.silu(hidden @ w1.T) * (hidden @ folded_w3.T)) @ folded_w2.T
+    assert torch.allclose(actual, expected, atol=1e-5), f"max difference {(actual - expected).abs().max().item()}"
+    with pytest.raises(UnsupportedError, match="grouped-query"):
+        fold_scales_into_linear(torch.randn(48, 32), [w2], scales)
+
+
+def test_smoothquant_lowers_w8a8_error_on_outlier_channels():
+    inputs = inputs_with_outlier_channels(256, 128, seed=18)
+    weight = torch.randn(64, 128, generator=generator(19)) / 12
+    reference = inputs @ weight.T
+
+    def w8a8_error(scaled_inputs, scaled_weight):
+        approx = quantize_activations_per_token(scaled_inputs) @ fake_quantize_weight(scaled_weight, INT8_PER_CHANNEL).T
+        return relative_output_error(reference, approx)
+
+    scales = smoothquant_scales(inputs.abs().amax(dim=0), [weight], alpha=0.5)
+    _, (smoothed_weight,) = fold_scales_into_norm(torch.ones(128), [weight], scales)
+    smoothed, plain = w8a8_error(inputs / scales, smoothed_weight), w8a8_error(inputs, weight)
+    assert smoothed < 0.5 * plain, f"SmoothQuant {smoothed:.5f} vs plain w8a8 {plain:.5f}"
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+def test_error_metrics():
+    reference = torch.tensor([3.0, 4.0])
+    assert sqnr_db(reference, reference) == float("inf")
+    assert relative_output_error(reference, reference) == 0.0
+    assert sqnr_db(reference, torch.tensor([3.0, 4.5])) == pytest.approx(20.0)
+    assert relative_output_error(reference, torch.tensor([3.0, 4.5])) == pytest.approx(0.1)
