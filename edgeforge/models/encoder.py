@@ -218,6 +218,8 @@ class BertEncoder(nn.Module):
     L2-normalised sentence embeddings [B, dim]; padded positions (attention_mask 0) do not count.
     """
 
+    config_class = BertConfig
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config

@@ -212,6 +212,8 @@ class Transformer(nn.Module):
     by :meth:`setup_cache` and attends over everything cached up to each position.
     """
 
+    config_class = LlamaConfig
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config

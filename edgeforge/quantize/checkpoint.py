@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,12 +20,13 @@ from edgeforge.checkpoints import Checkpoint, LazyTensors, register_format
 from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError
 from edgeforge.fileio import atomic_directory, read_json, write_json_atomic
-from edgeforge.models.llama import LlamaConfig, Transformer
+from edgeforge.models import model_class
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear, set_module
 from edgeforge.quantize.scheme import (ActivationScheme, QuantizedWeight, WeightScheme, dequantize, pack_int4,
                                        unpack_int4)
 
 MANIFEST = "edgeforge.json"
+QUANTIZED_SUFFIXES = ("qweight", "scale", "zero_point", "input_scale", "input_zero_point", "bias")
 KIND = "edgeforge.quantized_checkpoint"
 SCHEMA_VERSION = 1
 
@@ -90,26 +90,34 @@ def _quantized_weight(tensors: dict, name: str, scheme: WeightScheme, path: Path
         raise InputError(f"missing tensor {exc.args[0]}", path=path / "model.safetensors") from None
 
 
-def load_quantized_model(path: str | Path) -> Transformer:
-    """The eager quantized model: the Llama core with QuantizedLinear/QuantizedEmbedding modules swapped in."""
+def manifest_config(manifest: dict):
+    """The model config (LlamaConfig or BertConfig) a manifest records."""
+    architecture = manifest.get("architecture", "llama")
+    return model_class(architecture).config_class.from_dict(manifest["config"])
+
+
+def load_quantized_model(path: str | Path) -> torch.nn.Module:
+    """The eager quantized model: the model core with QuantizedLinear/QuantizedEmbedding modules swapped in."""
     path = Path(path)
     manifest = read_manifest(path)
-    config = LlamaConfig.from_dict(manifest["config"])
+    config = manifest_config(manifest)
     tensors = _read_tensors(path)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = model_class(manifest["architecture"])(config)
     for name, layer in manifest["layers"].items():
         scheme = WeightScheme.from_dict(layer["scheme"])
         weight = _quantized_weight(tensors, name, scheme, path)
-        if name == "tok_embeddings":
+        if isinstance(model.get_submodule(name), torch.nn.Embedding):
             set_module(model, name, QuantizedEmbedding(weight, scheme))
             continue
         activations = ActivationScheme(layer["activations"])
         input_qparams = None
         if activations is ActivationScheme.STATIC_INT8:
             input_qparams = (tensors[f"{name}.input_scale"][0], tensors[f"{name}.input_zero_point"][0])
-        set_module(model, name, QuantizedLinear(weight, scheme, activations, input_qparams))
-    plain = {k: v for k, v in tensors.items() if k.endswith(".weight")}
+        set_module(model, name, QuantizedLinear(weight, scheme, activations, input_qparams,
+                                                bias=tensors.get(f"{name}.bias")))
+    quantized = {f"{name}.{suffix}" for name in manifest["layers"] for suffix in QUANTIZED_SUFFIXES}
+    plain = {k: v for k, v in tensors.items() if k not in quantized}
     missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in plain]
     if missing:
         raise InputError(f"missing tensor {missing[0]}", path=path / "model.safetensors")
@@ -126,7 +134,7 @@ def _is_quantized_dir(path: Path) -> bool:
 def open_quantized(path: Path) -> Checkpoint:
     """A quantized checkpoint seen as a plain one: weights dequantized to float32 on read (for inspect)."""
     manifest = read_manifest(path)
-    config = LlamaConfig.from_dict(manifest["config"])
+    config = manifest_config(manifest)
     stored = _read_tensors(path)
     lazy = LazyTensors(path)
     for name, layer in manifest["layers"].items():
@@ -134,8 +142,9 @@ def open_quantized(path: Path) -> Checkpoint:
         weight = _quantized_weight(stored, name, scheme, path)
         lazy.add(f"{name}.weight", weight.qdata.shape, f"INT{scheme.bits}",
                  lambda w=weight: dequantize(w.qdata, w.scale, w.zero_point))
+    quantized = {f"{name}.{suffix}" for name in manifest["layers"] for suffix in QUANTIZED_SUFFIXES[:-1]}
     for name, tensor in stored.items():
-        if name.endswith(".weight"):
+        if name not in quantized:
             lazy.add(name, tensor.shape, "F32", lambda t=tensor: t)
     counts: dict[str, int] = {}
     for layer in manifest["layers"].values():
@@ -146,6 +155,6 @@ def open_quantized(path: Path) -> Checkpoint:
                     "activations": manifest["recipe"]["activations"],
                     "layers": ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))}
     files = sorted(p for p in path.iterdir() if p.is_file())
-    return Checkpoint(path=path, format="edgeforge", architecture="llama", config=replace(config), tensors=lazy,
+    return Checkpoint(path=path, format="edgeforge", architecture=manifest["architecture"], config=config, tensors=lazy,
                       tokenizer=find_tokenizer(path, vocab_size=config.vocab_size), files=files,
                       metadata={"quantization": quantization, "source": manifest["source"]["path"]})

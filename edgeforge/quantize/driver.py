@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeforge import __version__
-from edgeforge.checkpoints import Checkpoint
+from edgeforge.checkpoints import Checkpoint, load_model
 from edgeforge.errors import ConfigError, UnsupportedError
 from edgeforge.models.llama import LlamaConfig, RMSNorm, TransformerBlock, rope_tables
 from edgeforge.quantize.activations import quantize_activations_per_token, static_activation_qparams
@@ -94,22 +94,22 @@ def quantize_checkpoint(checkpoint: Checkpoint, recipe: Recipe, *, calibration: 
                         output_dir: str | Path, progress: Callable[[str], None] | None = None) -> QuantizeResult:
     """Quantize ``checkpoint`` with ``recipe`` and write the quantized checkpoint to ``output_dir``."""
     start = time.perf_counter()
-    if checkpoint.architecture != "llama":
-        raise UnsupportedError(f"quantize handles Llama decoders; this is a {checkpoint.architecture} model",
-                               path=checkpoint.path)
     if recipe.needs_calibration and calibration is None:
         raise ConfigError(f"recipe {recipe.name} ({recipe.algorithm}) needs calibration text: pass --calib PATH")
-    config: LlamaConfig = checkpoint.config
-    plans = plan_layers(config, recipe)
     say = progress or (lambda message: None)
-    for plan in plans.values():
-        if plan.note:
-            say(f"fallback {plan.name}: {plan.note}")
-    worker = _BlockQuantizer(checkpoint, recipe, plans, calibration)
-    tensors, stats = worker.run(say)
+    if checkpoint.architecture == "bert":
+        config = checkpoint.config
+        tensors, stats, plans = _quantize_encoder(checkpoint, recipe, say)
+    else:
+        config = replace(checkpoint.config, tie_embeddings=False)
+        plans = plan_layers(checkpoint.config, recipe)
+        for plan in plans.values():
+            if plan.note:
+                say(f"fallback {plan.name}: {plan.note}")
+        tensors, stats = _BlockQuantizer(checkpoint, recipe, plans, calibration).run(say)
     manifest = {
-        "kind": KIND, "schema_version": SCHEMA_VERSION, "architecture": "llama",
-        "config": replace(config, tie_embeddings=False).to_dict(),
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "architecture": checkpoint.architecture,
+        "config": config.to_dict(),
         "source": {"path": str(checkpoint.path), "format": checkpoint.format, "sha256": checkpoint.content_hash()},
         "recipe": recipe.to_dict(),
         "calibration": calibration.describe() if calibration is not None else None,
@@ -126,6 +126,37 @@ def quantize_checkpoint(checkpoint: Checkpoint, recipe: Recipe, *, calibration: 
                    fingerprints=calibration.document_fingerprints if calibration is not None else None,
                    tokenizer_files=tokenizer_files)
     return QuantizeResult(Path(output_dir), manifest, time.perf_counter() - start)
+
+
+def _quantize_encoder(checkpoint: Checkpoint, recipe: Recipe, say: Callable[[str], None]):
+    """Sentence encoders: data-free round-to-nearest of every linear (and the word embedding if the recipe says)."""
+    if recipe.algorithm not in ("rtn", "mse") or recipe.activations is ActivationScheme.STATIC_INT8:
+        raise UnsupportedError(f"recipe {recipe.name}: sentence encoders take data-free recipes (rtn or mse, "
+                               f"no static activations), e.g. embedding-int8")
+    model = load_model(checkpoint)
+    tensors, stats, plans = {}, {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            scheme, note = recipe.scheme_for(name, module.in_features)
+        elif name == "embeddings.word_embeddings":
+            scheme, note = recipe.embedding, None
+        else:
+            continue
+        plans[name] = LayerPlan(name, module.weight.shape[1], scheme, note)
+        if scheme is None:
+            continue
+        weight = module.weight.detach()
+        clip = mse_clip_search(weight, scheme, grid=recipe.mse.grid) if recipe.algorithm == "mse" else None
+        quantized = rtn_quantize(weight, scheme, clip_ratio=clip)
+        tensors.update(layer_tensors(name, quantized, scheme))
+        stats[name] = {"scheme": scheme.to_dict(), "algorithm": recipe.algorithm,
+                       "activations": "none" if name.startswith("embeddings") else recipe.activations.value,
+                       "weight_sqnr_db": sqnr_db(weight, dequantize(*quantized))}
+    for name, tensor in model.state_dict().items():
+        if name.removesuffix(".weight") not in stats:
+            tensors[name] = tensor.detach().clone()
+    say(f"quantized {len(stats)} layers of the {checkpoint.architecture} encoder")
+    return tensors, stats, plans
 
 
 def _version(package: str) -> str | None:

@@ -17,13 +17,14 @@ class QuantizedLinear(nn.Module):
     """y = act_q(x) @ dequant(qdata, scale, zero_point)ᵀ, activations as the scheme says."""
 
     def __init__(self, weight: QuantizedWeight, scheme: WeightScheme, activations: ActivationScheme,
-                 input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None):
         super().__init__()
         self.scheme, self.activations = scheme, activations
         self.out_features, self.in_features = weight.qdata.shape
         self.register_buffer("qdata", weight.qdata)
         self.register_buffer("scale", weight.scale)
         self.register_buffer("zero_point", weight.zero_point)
+        self.register_buffer("bias", bias)
         if activations is ActivationScheme.STATIC_INT8:
             self.register_buffer("input_scale", input_qparams[0])
             self.register_buffer("input_zero_point", input_qparams[1])
@@ -36,7 +37,7 @@ class QuantizedLinear(nn.Module):
             x = quantize_activations_per_token(x)
         elif self.activations is ActivationScheme.STATIC_INT8:
             x = quantize_activations_static(x, self.input_scale, self.input_zero_point)
-        return F.linear(x, self.dequantized_weight())
+        return F.linear(x, self.dequantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         group = self.scheme.group_size or "channel"

@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from edgeforge.errors import ConfigError, InputError, UnknownNameError
+from edgeforge.errors import ConfigError, UnknownNameError
+from edgeforge.fileio import read_toml
 from edgeforge.quantize.scheme import ActivationScheme, WeightScheme
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -156,16 +157,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         if str(name_or_path) not in bundled:
             raise UnknownNameError("recipe", str(name_or_path), list(bundled))
         path = bundled[str(name_or_path)]
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read recipe: {exc.strerror}", path=path) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"not valid TOML ({exc})", path=path) from exc
+    data = read_toml(path)
     try:
         return recipe_from_dict(path.stem, data)
     except ConfigError as exc:

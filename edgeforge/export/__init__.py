@@ -1,0 +1,122 @@
+"""Export: a checkpoint (fp32) or an edgeforge quantized checkpoint -> an artifact for a target.
+
+    from edgeforge.export import export
+    artifact = export("llama-int4", "android-arm64-xnnpack", "out/llama.pte.d")
+
+Every export runs the new artifact in its real runtime against the eager model (the miscompile
+guard) before the directory is renamed into place; a wrong artifact is never written.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgeforge import __version__
+from edgeforge.errors import ConfigError
+from edgeforge.export.artifact import KIND, MANIFEST, SCHEMA_VERSION, Artifact, exporter_for, open_artifact
+from edgeforge.export.guard import check_decoder
+from edgeforge.export.source import ExportSource, open_source
+from edgeforge.export.targets import Target, list_targets, load_target, supporting_targets
+from edgeforge.fileio import atomic_directory, write_json_atomic
+
+__all__ = ["Artifact", "ExportSource", "Target", "export", "list_targets", "load_target", "open_artifact",
+           "open_source"]
+
+SIZE_WARNING_RATIO = 1.25  # artifact bigger than this times what its scheme implies: layers left in fp32?
+
+
+def export(source_path: str | Path, target: str | Target, output_dir: str | Path, *, format: str | None = None,
+           max_seq_len: int | None = None, check: bool = True,
+           progress: Callable[[str], None] | None = None) -> Artifact:
+    """Export ``source_path`` for ``target`` into the artifact directory ``output_dir``."""
+    say = progress or (lambda message: None)
+    target = load_target(target) if not isinstance(target, Target) else target
+    if format is not None and format != target.format:
+        raise ConfigError(f"target {target.name} produces {target.format}, not {format}; "
+                          f"{format} targets: {', '.join(n for n in list_targets() if load_target(n).format == format)}")
+    source = open_source(source_path)
+    if source.scheme not in target.schemes:
+        others = supporting_targets(source.scheme)
+        raise ConfigError(f"target {target.name} does not run scheme {source.scheme} (it runs "
+                          f"{', '.join(target.schemes)}); "
+                          + (f"targets that run {source.scheme}: {', '.join(others)}" if others else
+                             f"no bundled target runs {source.scheme}: quantize with another recipe"))
+    context = source.config.max_seq_len
+    max_seq_len = max_seq_len or min(context, 2048)
+    if not 0 < max_seq_len <= context:
+        raise ConfigError(f"--max-seq-len {max_seq_len} outside 1..{context} (the model's context)")
+    exporter = exporter_for(target.format)
+    start = time.perf_counter()
+    with atomic_directory(output_dir) as tmp:
+        say(f"exporting {source.path} ({source.scheme}) for {target.name} ...")
+        report = exporter.export(source, target, tmp, max_seq_len=max_seq_len)
+        for file in source.tokenizer_files:
+            shutil.copyfile(file, tmp / file.name)
+        manifest = _manifest(source, target, report, max_seq_len)
+        if check and target.runs_here:
+            say("checking the artifact against the eager model ...")
+            session = exporter.open(tmp, manifest)
+            if source.architecture == "llama":
+                manifest["guard"] = check_decoder(session, source.model, scheme=source.scheme,
+                                                  max_seq_len=max_seq_len).to_dict()
+            else:
+                from edgeforge.export.guard import check_encoder
+
+                manifest["guard"] = check_encoder(session, source.model, source.tokenizer,
+                                                  scheme=source.scheme).to_dict()
+        else:
+            manifest["guard"] = None
+        manifest["report"].update(_size_report(tmp / report["model_file"], source))
+        manifest["report"]["export_seconds"] = round(time.perf_counter() - start, 3)
+        manifest["report"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return open_artifact(output_dir)
+
+
+def _manifest(source: ExportSource, target: Target, report: dict, max_seq_len: int) -> dict:
+    import torch
+
+    return {
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "format": target.format, "target": target.to_dict(),
+        "architecture": source.architecture, "config": source.config.to_dict(), "scheme": source.scheme,
+        "max_seq_len": max_seq_len,
+        "source": {"path": str(source.path), "sha256": source.sha256,
+                   "recipe": source.manifest["recipe"]["name"] if source.manifest else None,
+                   "calibration": source.manifest.get("calibration") if source.manifest else None},
+        "tokenizer_files": [f.name for f in source.tokenizer_files],
+        "report": dict(report),
+        "versions": {"edgeforge": __version__, "torch": torch.__version__, **report.pop("versions", {})},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _size_report(model_file: Path, source: ExportSource) -> dict:
+    """Artifact size against what the scheme implies (quantized layers at their bit width + scales)."""
+    size = sum(f.stat().st_size for f in model_file.parent.iterdir() if f.is_file() and f.suffix in
+               {".pte", ".onnx", ".data", ".bin"}) if model_file.suffix == ".onnx" else model_file.stat().st_size
+    state, seen = {}, set()
+    for name, tensor in source.model.state_dict().items():  # a tied head shares the embedding's storage
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor
+    parameters = sum(t.numel() for name, t in state.items() if not name.endswith(("scale", "zero_point")))
+    expected = 0
+    for name, tensor in state.items():
+        if name.endswith(".qdata"):
+            layer = source.manifest["layers"][name.removesuffix(".qdata")]
+            expected += tensor.numel() * layer["scheme"]["bits"] / 8
+        elif name.endswith(("scale", "zero_point")):
+            expected += tensor.numel() * tensor.element_size()
+        else:
+            expected += tensor.numel() * 4
+    report = {"size_bytes": size, "parameters": parameters, "bytes_per_parameter": round(size / parameters, 4),
+              "expected_size_bytes": int(expected), "size_ratio_to_expected": round(size / expected, 3)}
+    if size > SIZE_WARNING_RATIO * expected:
+        report["size_warning"] = (f"artifact is {size / expected:.2f}x the size its scheme {source.scheme} implies: "
+                                  "some layers may have been left in fp32")
+    return report

@@ -1,0 +1,43 @@
+"""What an exporter consumes: the eager model to lower (fp32 or edgeforge-quantized), its tokenizer
+files and scheme, opened from a checkpoint path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from edgeforge.checkpoints import Checkpoint, load_model, open_checkpoint
+from edgeforge.export.targets import scheme_name
+
+
+@dataclass
+class ExportSource:
+    path: Path
+    architecture: str  # "llama" | "bert"
+    config: object
+    model: nn.Module  # eager reference for this export: fp32, or the quantized model with QuantizedLinear modules
+    tokenizer: object | None
+    tokenizer_files: list[Path]
+    scheme: str  # "fp32", "8da4w", ...
+    manifest: dict | None  # the quantized checkpoint's manifest, None for an fp32 checkpoint
+    sha256: str
+
+
+def open_source(path: str | Path) -> ExportSource:
+    """Open a checkpoint (exported in fp32) or an edgeforge quantized checkpoint (exported as quantized)."""
+    from edgeforge.quantize import load_quantized_model, read_manifest
+
+    checkpoint: Checkpoint = open_checkpoint(path)
+    manifest = read_manifest(checkpoint.path) if checkpoint.format == "edgeforge" else None
+    model = load_quantized_model(checkpoint.path) if manifest else load_model(checkpoint)
+    tokenizer = checkpoint.tokenizer
+    files = []
+    if tokenizer is not None and getattr(tokenizer, "source", None):
+        source = Path(tokenizer.source)
+        files = [source] + [source.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+                            if (source.parent / n).exists() and source.name == "tokenizer.json"]
+    return ExportSource(path=checkpoint.path, architecture=checkpoint.architecture, config=checkpoint.config,
+                        model=model, tokenizer=tokenizer, tokenizer_files=files, scheme=scheme_name(manifest),
+                        manifest=manifest, sha256=checkpoint.content_hash())

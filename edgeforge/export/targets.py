@@ -1,0 +1,77 @@
+"""Device/backend target profiles: TOML data files listed by `edgeforge targets`.
+
+A target names the artifact format, the backend (partitioner or execution provider), the schemes
+it runs, its memory budget, and how its latency is measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeforge.errors import ConfigError, UnknownNameError
+from edgeforge.fileio import read_toml
+
+TARGET_DIR = Path(__file__).resolve().parent.parent / "targets"
+_KEYS = {"description", "format", "backend", "schemes", "memory_budget_mb", "latency", "runs_here"}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    format: str  # "pte" | "onnx"
+    backend: str  # "xnnpack", "coreml", "cpu", "qnn-htp"
+    schemes: tuple[str, ...]  # "fp32", "8da8w", "8da4w", "4w", "8w", "w8a8-static"
+    memory_budget_mb: int
+    latency: str
+    description: str = ""
+    runs_here: bool = True  # False: the artifact cannot be executed (or checked) on this machine
+
+    def to_dict(self) -> dict:
+        return {**vars(self), "schemes": list(self.schemes)}
+
+
+def list_targets() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(TARGET_DIR.glob("*.toml"))}
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A bundled target by name, or a target TOML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        bundled = list_targets()
+        if str(name_or_path) not in bundled:
+            raise UnknownNameError("target", str(name_or_path), list(bundled))
+        path = bundled[str(name_or_path)]
+    data = read_toml(path)
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise ConfigError(f"unknown target key '{unknown[0]}' (known: {', '.join(sorted(_KEYS))})", path=path)
+    missing = [key for key in ("format", "backend", "schemes", "memory_budget_mb", "latency") if key not in data]
+    if missing:
+        raise ConfigError(f"target key '{missing[0]}' is required", path=path)
+    return Target(name=path.stem, format=data["format"], backend=data["backend"], schemes=tuple(data["schemes"]),
+                  memory_budget_mb=int(data["memory_budget_mb"]), latency=data["latency"],
+                  description=data.get("description", ""), runs_here=bool(data.get("runs_here", True)))
+
+
+def scheme_name(manifest: dict | None) -> str:
+    """Short name of a quantized checkpoint's linear scheme: fp32, 8da4w, 8da8w, 4w, 8w or w8a8-static."""
+    if manifest is None:
+        return "fp32"
+    recipe = manifest["recipe"]
+    bits = recipe["weights"]["bits"]
+    activations = recipe["activations"]
+    if activations == "static_int8":
+        return f"w{bits}a8-static"
+    return f"8da{bits}w" if activations == "dynamic_int8" else f"{bits}w"
+
+
+def supporting_targets(scheme: str, format: str | None = None) -> list[str]:
+    """Bundled targets that run ``scheme`` (optionally of one format), for error messages."""
+    names = []
+    for name in list_targets():
+        target = load_target(name)
+        if scheme in target.schemes and (format is None or target.format == format):
+            names.append(name)
+    return names
