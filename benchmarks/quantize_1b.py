@@ -95,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("checkpoint", type=Path, help="checkpoint directory (see make_llama_checkpoint.py)")
     parser.add_argument("--recipe", default="int4-gptq", help="recipe name or TOML path (default: int4-gptq)")
     parser.add_argument("--calib", type=Path, default=TINYSTORIES, help="calibration text (default: TinyStories)")
+    parser.add_argument("--no-calib", action="store_true", help="pass no calibration text (data-free recipes)")
     parser.add_argument("--samples", type=int, default=128, help="calibration samples (default: 128)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default: 512)")
     parser.add_argument("--repeat", type=int, default=1, help="runs to time (default: 1; each is minutes on 1B)")
@@ -113,9 +114,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeforge-quantize-1b-") as tmp:
         output = args.output or Path(tmp) / "quantized"
         child_json = Path(tmp) / "manifest.json"
+        calibration = [] if args.no_calib else ["--calib", str(args.calib), "--samples", str(args.samples),
+                                                "--seq-len", str(args.seq_len)]
         command = [sys.executable, "-m", "edgeforge", "quantize", str(args.checkpoint), "--recipe", args.recipe,
-                   "--calib", str(args.calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-                   "-o", str(output), "--json", str(child_json)]
+                   *calibration, "-o", str(output), "--json", str(child_json)]
         runs = []
         for index in range(args.repeat):
             wall_s, peak_rss_bytes, status = run_once(command, Path(tmp) / f"stdout-{index}.txt")
@@ -129,13 +131,14 @@ def main(argv=None) -> int:
         manifest = json.loads(child_json.read_text()) if child_json.exists() else None
     peak = max(r["peak_rss_bytes"] for r in runs)
     ratio = peak / facts["weights_bytes"]
-    record = {"benchmark": "quantize_1b", "command": command[1:], "recipe": args.recipe, "samples": args.samples,
-              "seq_len": args.seq_len, "checkpoint": facts, "runs": runs, "peak_rss_bytes": peak,
+    record = {"benchmark": "quantize_1b", "command": command[1:], "recipe": args.recipe,
+              "samples": None if args.no_calib else args.samples, "seq_len": None if args.no_calib else args.seq_len, "checkpoint": facts, "runs": runs, "peak_rss_bytes": peak,
               "peak_rss_to_checkpoint": ratio, "target_ratio": TARGET_RATIO, "within_target": ratio <= TARGET_RATIO,
               "output_bytes": output_bytes, "provenance": provenance(), "child_record": manifest}
     walls = [r["wall_s"] for r in runs]
     print(f"checkpoint      {args.checkpoint} ({facts['weights_bytes'] / 1e9:.3f} GB in {facts['weight_files']} files)\n"
-          f"recipe          {args.recipe}, calibration {args.samples} x {args.seq_len} tokens from {args.calib.name}\n"
+          f"recipe          {args.recipe}, calibration "
+          f"{'none' if args.no_calib else f'{args.samples} x {args.seq_len} tokens from {args.calib.name}'}\n"
           f"wall time       {_mean_sd(walls)} s (child process: start-up, hashing, quantization, writing)\n"
           f"peak RSS        {peak / 1e9:.3f} GB (max over {len(runs)} run(s), child only)\n"
           f"peak / ckpt     {ratio:.2f} (target <= {TARGET_RATIO}: {'ok' if ratio <= TARGET_RATIO else 'OVER'})\n"

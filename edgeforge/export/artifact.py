@@ -7,6 +7,7 @@ A format is added by adding a module that registers an :class:`Exporter`; nothin
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -53,11 +54,14 @@ def register_exporter(exporter_class):
     return exporter_class
 
 
-def exporter_for(format: str) -> Exporter:
-    from edgeforge.export import executorch, onnx  # noqa: F401  (register the built-in exporters)
+_BUILTIN_EXPORTERS = {"pte": "edgeforge.export.executorch", "onnx": "edgeforge.export.onnx"}  # format -> module
 
+
+def exporter_for(format: str) -> Exporter:
+    if format not in _EXPORTERS and format in _BUILTIN_EXPORTERS:
+        importlib.import_module(_BUILTIN_EXPORTERS[format])  # registers it; only the runtime this format needs
     if format not in _EXPORTERS:
-        raise UnknownNameError("artifact format", format, list(_EXPORTERS))
+        raise UnknownNameError("artifact format", format, sorted(set(_EXPORTERS) | set(_BUILTIN_EXPORTERS)))
     return _EXPORTERS[format]
 
 

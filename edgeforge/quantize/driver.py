@@ -193,12 +193,12 @@ class _BlockQuantizer:
             block = self._load_block(index)
             with torch.no_grad():
                 hidden = self._quantize_block(block, index, hidden)
-            summary = ", ".join(f"{name.split('.')[-1]} {self.stats[f'layers.{index}.{name}'].get('rel_error', 0):.4f}"
+            summary = ", ".join(f"{name.split('.')[-1]} {_error_text(self.stats.get(f'layers.{index}.{name}'))}"
                                 for _, names in GROUPS for name in names)
             say(f"[{index + 1}/{total}] layers.{index} {time.perf_counter() - started:.1f}s rel.err {summary}")
         with torch.no_grad():
             self._quantize_head(hidden)
-        say(f"[head] output {self.stats.get('output', {}).get('rel_error', float('nan')):.4f} rel.err")
+        say(f"[head] output {_error_text(self.stats.get('output'))} rel.err")
         return self.out, self.stats
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -375,3 +375,9 @@ def _probe_rows(inputs) -> torch.Tensor:
         if count >= PROBE_ROWS:
             break
     return torch.cat(rows)[:PROBE_ROWS]
+
+
+def _error_text(layer_stats: dict | None) -> str:
+    if layer_stats is None:
+        return "kept"
+    return f"{layer_stats['rel_error']:.4f}" if "rel_error" in layer_stats else "rtn"

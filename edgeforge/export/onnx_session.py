@@ -1,0 +1,99 @@
+"""ONNX artifacts loaded in onnxruntime: the :class:`~edgeforge.export.artifact.Session` of the exporter.
+
+The decoder session keeps the past keys/values between calls (``present`` of one call is ``past`` of
+the next), so ``forward(tokens, input_pos)`` behaves like the eager model's static KV cache: positions
+must continue the ones already fed, and a call starting at position 0 starts a new sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeforge.errors import InputError, RuntimeFailure, UnsupportedError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "qnn-htp": "QNNExecutionProvider"}
+
+
+def provider_for(backend: str) -> str:
+    """The target's execution provider where this onnxruntime has it, else the CPU provider (how a QNN
+    target's QDQ graph is checked on a machine without a Qualcomm NPU, as its target file says)."""
+    import onnxruntime
+
+    provider = PROVIDERS.get(backend, "CPUExecutionProvider")
+    return provider if provider in onnxruntime.get_available_providers() else "CPUExecutionProvider"
+
+
+def inference_session(model_file: Path, *, provider: str = "CPUExecutionProvider", threads: int | None = None):
+    """An onnxruntime session on ``model_file`` (external data is read from beside it)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if provider not in onnxruntime.get_available_providers():
+        raise RuntimeFailure(f"onnxruntime {onnxruntime.__version__} here has no {provider} (it has "
+                             f"{', '.join(onnxruntime.get_available_providers())})")
+    try:
+        return onnxruntime.InferenceSession(str(model_file), options, providers=[provider])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types with C++ text
+        raise RuntimeFailure(f"onnxruntime could not load {model_file}: {str(exc).splitlines()[0]}") from exc
+
+
+class OnnxDecoderSession:
+    """``forward(tokens [1, S], input_pos [S]) -> logits [1, S, vocab]`` over an onnxruntime session."""
+
+    def __init__(self, session, *, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int):
+        self.session = session
+        self.n_layers, self.n_kv_heads, self.head_dim, self.max_seq_len = n_layers, n_kv_heads, head_dim, max_seq_len
+        self.output_names = [output.name for output in session.get_outputs()]
+        self.reset()
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.n_kv_heads, 0, self.head_dim), dtype=np.float32)
+        self.past = {f"past_key_values.{i}.{kind}": empty for i in range(self.n_layers) for kind in ("key", "value")}
+        self.length = 0
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        positions = input_pos.reshape(-1).to(torch.int64)
+        if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] != positions.numel():
+            raise InputError(f"forward takes tokens [1, S] and input_pos [S], got {tuple(tokens.shape)} "
+                             f"and {tuple(input_pos.shape)}")
+        start = int(positions[0])
+        if start == 0:
+            self.reset()
+        if start != self.length or not torch.equal(positions, torch.arange(start, start + positions.numel())):
+            raise InputError(f"input_pos must continue the sequence at position {self.length} (or restart at 0), "
+                             f"got {positions.tolist()[:4]}...")
+        if start + positions.numel() > self.max_seq_len:
+            raise InputError(f"sequence of {start + positions.numel()} tokens exceeds the artifact's "
+                             f"max_seq_len {self.max_seq_len}")
+        feeds = {"input_ids": tokens.to(torch.int64).numpy(),
+                 "attention_mask": np.ones((1, start + positions.numel()), dtype=np.int64),
+                 "position_ids": positions[None].numpy(), **self.past}
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        self.past = {name.replace("present.", "past_key_values."): value for name, value in outputs.items()
+                     if name.startswith("present.")}
+        self.length = start + positions.numel()
+        return torch.from_numpy(outputs["logits"])
+
+
+class OnnxEncoderSession:
+    """``embed(input_ids, attention_mask, token_type_ids) -> [B, dim]`` over an onnxruntime session."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        feeds = {"input_ids": input_ids.to(torch.int64).numpy(), "attention_mask": attention_mask.to(torch.int64).numpy(),
+                 "token_type_ids": token_type_ids.to(torch.int64).numpy()}
+        return torch.from_numpy(self.session.run(["sentence_embedding"], feeds)[0])
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedError("an encoder artifact has no forward(tokens, input_pos); use embed(...)")
