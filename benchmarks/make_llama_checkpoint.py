@@ -25,16 +25,16 @@ TINYSTORIES = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.tx
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 PRESETS = {
-    "1b": dict(  # Llama-3.2-1B
-        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-        rms_norm_eps=1e-5, max_position_embeddings=131072,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192}),
-    "135m": dict(  # SmolLM-135M shape
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=10000.0,
-        rms_norm_eps=1e-5, max_position_embeddings=2048, rope_scaling=None),
+    "1b": {  # Llama-3.2-1B
+        "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}},
+    "135m": {  # SmolLM-135M shape
+        "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "rope_scaling": None},
 }
 BF16_BYTES = 2
 
@@ -161,13 +161,14 @@ def main(argv=None) -> int:
         sys.exit(f"error: {args.tokenizer_text}: no such file (the tokenizer is trained on it)")
     if args.output.exists() and not args.force:
         sys.exit(f"error: {args.output}: already exists (use --force to replace it)")
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda message: print(message, file=sys.stderr, flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.", dir=args.output.parent))
     try:  # written into a temp sibling, renamed into place when complete
         bos_id, eos_id = write_tokenizer(staging, args.tokenizer_text, args.tokenizer_vocab)
-        (staging / "config.json").write_text(json.dumps(hf_config(shape, bos_id=bos_id, eos_id=eos_id), indent=2) + "\n")
+        config = hf_config(shape, bos_id=bos_id, eos_id=eos_id)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         total = write_weights(staging, shape, seed=args.seed, shard_bytes=args.shard_mb * 10**6, log=log)
         if args.output.exists():
             shutil.rmtree(args.output)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -36,13 +37,14 @@ def provenance() -> dict:
     import edgeforge
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
                                 capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {"edgeforge": edgeforge.__version__, "git_commit": commit, "torch": torch.__version__,
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0],
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def split_text(path: Path, calibration_file: Path) -> list[str]:
@@ -103,9 +105,9 @@ def run_recipe(name: str, checkpoint, reference, calibration, windows, *, group_
 def render(record: dict) -> str:
     settings = record["settings"]
     fp32 = record["fp32"]
-    lines = [f"stories260K fp32 vs quantized: {settings['eval_windows']} x {settings['eval_seq_len']} held-out "
-             f"TinyStories tokens, calibration {settings['samples']} x {settings['seq_len']} (seed "
-             f"{settings['seed']}), int4 group size {settings['group_size'] or 'per recipe'}",
+    lines = [(f"stories260K fp32 vs quantized: {settings['eval_windows']} x {settings['eval_seq_len']} held-out "
+              f"TinyStories tokens, calibration {settings['samples']} x {settings['seq_len']} (seed "
+              f"{settings['seed']}), int4 group size {settings['group_size'] or 'per recipe'}"),
              "fp32 PPL: no recipe ran" if fp32 is None else
              f"fp32 PPL {fp32['ppl']:.4f} ± {fp32['ppl_sem']:.4f} over {fp32['token_count']} scored tokens", ""]
     header = ("recipe", "algorithm", "KLD mean ± sem", "KLD p99", "top-1 ± sem", "PPL ratio ± sem", "KLD / RTN",
@@ -122,13 +124,13 @@ def render(record: dict) -> str:
                      f"{d['ppl_ratio']:.4f} ± {d['ppl_ratio_sem']:.4f}", "" if ratio is None else f"{ratio:.3f}",
                      f"{row['quantize_s']:.1f}", f"{row['eval_s']:.1f}"))
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     lines += [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)]
     fallbacks = {row["recipe"]: row["fallbacks"] for row in record["results"] if row.get("fallbacks")}
     for name, notes in fallbacks.items():
         lines.append(f"{name}: {len(notes)} layer(s) fell back, e.g. {next(iter(notes))}: {next(iter(notes.values()))}")
-    lines.append("KLD in nats/token; ± is the standard error of the mean; time excludes model loading; "
-                 "PPL is only comparable between runs with the same tokenizer and text.")
+    lines.append("KLD in nats/token; ± is the standard error of the mean; eval s includes loading the quantized "
+                 "model; PPL is only comparable between runs with the same tokenizer and text.")
     return "\n".join(lines)
 
 
@@ -141,8 +143,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-seq-len", type=int, default=256, help="evaluation window length (default: 256)")
     parser.add_argument("--group-size", type=int, default=32,
                         help="group size for the int4 recipes (default: 32; 0 keeps each recipe's own)")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help=f"recipes to run (default: {' '.join(RECIPES)})")
-    parser.add_argument("--text", type=Path, default=TINYSTORIES, help="text split into calibration / evaluation halves")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES),
+                        help=f"recipes to run (default: {' '.join(RECIPES)})")
+    parser.add_argument("--text", type=Path, default=TINYSTORIES,
+                        help="text split into calibration / evaluation halves")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the record as JSON to FILE")
     parser.add_argument("--verbose", action="store_true", help="print the quantizer's per-layer progress to stderr")
     return parser.parse_args(argv)
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
     from edgeforge.checkpoints import DEFAULT_CHECKPOINT, load_model, open_checkpoint
     from edgeforge.quantize.calibration import build_calibration
 
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda message: print(message, file=sys.stderr, flush=True)
     checkpoint = open_checkpoint(DEFAULT_CHECKPOINT)
     reference = load_model(checkpoint)
     group_size = args.group_size or None

@@ -42,7 +42,7 @@ def provenance() -> dict:
     import edgeforge
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
@@ -120,29 +120,31 @@ def main(argv=None) -> int:
                    *calibration, "-o", str(output), "--json", str(child_json)]
         runs = []
         for index in range(args.repeat):
-            wall_s, peak_rss_bytes, status = run_once(command, Path(tmp) / f"stdout-{index}.txt")
+            stdout_path = Path(tmp) / f"stdout-{index}.txt"
+            wall_s, peak_rss_bytes, status = run_once(command, stdout_path)
             if status != 0:
-                print(f"error: edgeforge quantize exited with {status}:\n{(Path(tmp) / f'stdout-{index}.txt').read_text()}",
-                      file=sys.stderr)
+                print(f"error: edgeforge quantize exited with {status}:\n{stdout_path.read_text()}", file=sys.stderr)
                 return 3
             runs.append({"wall_s": wall_s, "peak_rss_bytes": peak_rss_bytes})
-            print(f"run {index + 1}/{args.repeat}: {wall_s:.1f} s, peak RSS {peak_rss_bytes / 1e9:.2f} GB", file=sys.stderr)
+            print(f"run {index + 1}/{args.repeat}: {wall_s:.1f} s, peak RSS {peak_rss_bytes / 1e9:.2f} GB",
+                  file=sys.stderr)
         output_bytes = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
         manifest = json.loads(child_json.read_text()) if child_json.exists() else None
     peak = max(r["peak_rss_bytes"] for r in runs)
     ratio = peak / facts["weights_bytes"]
     record = {"benchmark": "quantize_1b", "command": command[1:], "recipe": args.recipe,
-              "samples": None if args.no_calib else args.samples, "seq_len": None if args.no_calib else args.seq_len, "checkpoint": facts, "runs": runs, "peak_rss_bytes": peak,
+              "samples": None if args.no_calib else args.samples, "seq_len": None if args.no_calib else args.seq_len,
+              "checkpoint": facts, "runs": runs, "peak_rss_bytes": peak,
               "peak_rss_to_checkpoint": ratio, "target_ratio": TARGET_RATIO, "within_target": ratio <= TARGET_RATIO,
               "output_bytes": output_bytes, "provenance": provenance(), "child_record": manifest}
-    walls = [r["wall_s"] for r in runs]
-    print(f"checkpoint      {args.checkpoint} ({facts['weights_bytes'] / 1e9:.3f} GB in {facts['weight_files']} files)\n"
+    walls, size = [r["wall_s"] for r in runs], facts["weights_bytes"]
+    print(f"checkpoint      {args.checkpoint} ({size / 1e9:.3f} GB in {facts['weight_files']} files)\n"
           f"recipe          {args.recipe}, calibration "
           f"{'none' if args.no_calib else f'{args.samples} x {args.seq_len} tokens from {args.calib.name}'}\n"
           f"wall time       {_mean_sd(walls)} s (child process: start-up, hashing, quantization, writing)\n"
           f"peak RSS        {peak / 1e9:.3f} GB (max over {len(runs)} run(s), child only)\n"
           f"peak / ckpt     {ratio:.2f} (target <= {TARGET_RATIO}: {'ok' if ratio <= TARGET_RATIO else 'OVER'})\n"
-          f"output          {output_bytes / 1e9:.3f} GB ({output_bytes / facts['weights_bytes']:.2f} of the checkpoint)")
+          f"output          {output_bytes / 1e9:.3f} GB ({output_bytes / size:.2f} of the checkpoint)")
     if not args.no_append:
         append_result(record, args.results)
         print(f"appended to {args.results}", file=sys.stderr)

@@ -276,5 +276,125 @@ def targets(as_json: bool) -> None:
                    f"{target.description}")
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--reference", required=True, type=click.Path(path_type=str), help="The full-precision checkpoint to compare with.")
+@click.option("--data", required=True, type=click.Path(path_type=str),
+              help="Evaluation text: a .txt file (blank-line separated), a .jsonl with a 'text' field, or a folder of .txt.")
+@click.option("--seq-len", type=click.IntRange(2), help="Tokens per window (encoders: per sentence); default min(512, context).")
+@click.option("--windows", type=click.IntRange(1), help="Windows to evaluate (decoders; default 32).")
+@click.option("--sentences", type=click.IntRange(3), help="Sentences to embed (encoders; default 256).")
+@click.option("--top-k", type=click.IntRange(1), help="Reference log-probs cached per token (decoders; default 128).")
+@click.option("--cache-dir", type=click.Path(path_type=str), help="Reference cache folder (default $EDGEFORGE_CACHE/reference or ~/.cache/edgeforge/reference).")
+@click.option("--no-cache", is_flag=True, help="Compute the reference without reading or writing the cache.")
+@click.option("--max-kld", type=float, help="Gate: mean KLD (nats/token) at most this (default: the recipe's).")
+@click.option("--min-top1", type=float, help="Gate: top-1 agreement at least this, 0..1 (default: the recipe's).")
+@click.option("--max-ppl-ratio", type=float, help="Gate: PPL(model)/PPL(reference) at most this (default: the recipe's).")
+@click.option("--min-cosine", type=float, help="Gate: mean embedding cosine at least this (default: the recipe's).")
+@click.option("--allow-overlap", is_flag=True, help="Measure even when the text overlaps the calibration text.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the record as JSON to FILE ('-' for stdout only).")
+def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_dir, no_cache, max_kld, min_top1,
+           max_ppl_ratio, min_cosine, allow_overlap, json_path) -> None:
+    """Run an artifact (or a checkpoint) and measure its drift from the fp32 reference; gate on it.
+
+    Example: edgeforge verify llama-int4.pte.d --reference ./Llama-3.2-1B --data wiki.test.raw --max-kld 0.05
+    """
+    from edgeforge.verify.report import format_verify_report
+    from edgeforge.verify.verify import VerifyOptions, verify as run_verify
+
+    given = {"seq_len": seq_len, "windows": windows, "sentences": sentences, "top_k": top_k, "cache_dir": cache_dir,
+             "max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio, "min_cosine": min_cosine}
+    options = VerifyOptions(use_cache=not no_cache, allow_overlap=allow_overlap,
+                            **{k: v for k, v in given.items() if v is not None})
+    report = run_verify(artifact, reference, data, options, progress=_progress)
+    if json_path != "-":
+        click.echo(format_verify_report(report))
+    _emit_json(report.to_record(), json_path)
+    report.raise_for_gates()
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--reference", type=click.Path(path_type=str),
+              help="fp32 checkpoint run eager beside it (default: the one the artifact's manifests name).")
+@click.option("--prompt-lengths", metavar="N,N,...", help="Prefill tests, comma-separated token counts (default 16,64,256).")
+@click.option("--decode-tokens", type=click.IntRange(1), help="Tokens per decode test (default 32).")
+@click.option("--repetitions", "-r", type=click.IntRange(1), help="Timed rounds (default 5).")
+@click.option("--warmup", type=click.IntRange(0), help="Untimed rounds first (default 1).")
+@click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads (default: every CPU this process may use).")
+@click.option("--bandwidth-mib", type=click.IntRange(1), help="Working set of the bandwidth test (default: above 4x the last-level cache).")
+@click.option("--json", "json_path", metavar="FILE", help="Write the record, raw samples included, as JSON to FILE ('-' for stdout only).")
+def bench(artifact, reference, prompt_lengths, decode_tokens, repetitions, warmup, threads, bandwidth_mib,
+          json_path) -> None:
+    """Measure load time, TTFT, prefill and decode tokens/s, peak RSS and the bandwidth ceiling, beside the fp32 reference.
+
+    Example: edgeforge bench llama-int4.pte.d --prompt-lengths 16,128 -r 5 --json bench.json
+    """
+    from edgeforge.verify.bench import BenchSettings, bench as run_bench, format_bench
+
+    settings = BenchSettings.from_options(prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
+                                          repetitions=repetitions, warmup=warmup, threads=threads,
+                                          bandwidth_bytes=bandwidth_mib and bandwidth_mib * 2**20)
+    record = run_bench(artifact, reference=reference, settings=settings, progress=_progress)
+    if json_path != "-":
+        click.echo(format_bench(record))
+    _emit_json(record.to_dict(), json_path)
+
+
+@main.command()
+@_checkpoint_argument()
+@click.option("--recipe", "-r", default="int4-gptq", show_default=True, help="Recipe name or TOML path.")
+@click.option("--target", "-t", default="host", show_default=True, help="Target profile name or TOML path.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Forge directory (reruns resume in it).")
+@click.option("--calib", type=click.Path(path_type=str), help="Calibration text (default: bundled TinyStories sample).")
+@click.option("--data", type=click.Path(path_type=str), help="Evaluation text (default: bundled TinyStories sample, disjoint).")
+@click.option("--samples", type=click.IntRange(1), help="Calibration samples (default: the recipe's).")
+@click.option("--seq-len", type=click.IntRange(2), help="Tokens per calibration sample (default: the recipe's).")
+@click.option("--max-seq-len", type=click.IntRange(1), help="KV-cache length of the exported decoder.")
+@click.option("--eval-windows", default=32, show_default=True, type=click.IntRange(1), help="Evaluation windows for verify.")
+@click.option("--eval-seq-len", default=256, show_default=True, type=click.IntRange(2), help="Tokens per evaluation window.")
+@click.option("--repetitions", default=5, show_default=True, type=click.IntRange(1), help="Timed repetitions in bench.")
+def forge(checkpoint, recipe, target, output, calib, data, samples, seq_len, max_seq_len, eval_windows, eval_seq_len,
+          repetitions) -> None:
+    """Quantize -> export -> verify -> bench -> report in one command; unchanged stages are reused on a rerun.
+
+    Example: edgeforge forge --recipe int4-gptq --target host -o forge-out
+    """
+    from edgeforge.pipeline import ForgeSettings, forge as run_forge
+
+    settings = ForgeSettings(recipe=recipe, target=target, checkpoint=checkpoint, calib=calib, data=data,
+                             samples=samples, seq_len=seq_len, max_seq_len=max_seq_len, eval_seq_len=eval_seq_len,
+                             eval_windows=eval_windows, repetitions=repetitions)
+    result = run_forge(settings, output, progress=_progress)
+    click.echo(format_forge_summary(result))
+    verify = result.report["verify"] or {}
+    if verify.get("verdict") == "fail":
+        from edgeforge.errors import GateFailed
+
+        raise GateFailed(verify.get("verdict_line", "a gate failed"))
+
+
+def format_forge_summary(result) -> str:
+    """The headline figures of a forge run."""
+    report = result.report
+    export, verify, bench = report["export"], report["verify"] or {}, report["bench"] or {}
+    lines = [f"artifact  {export['artifact']} ({export['format']}, {export['scheme']}, "
+             f"{export['report']['size_bytes']:,} bytes)"]
+    drift = verify.get("drift")
+    if drift:
+        lines.append(f"drift     ppl {drift['ppl_ref']:.3f} -> {drift['ppl_test']:.3f} (x{drift['ppl_ratio']:.4f}), "
+                     f"KLD {drift['kld_mean_nats']:.5f} ± {drift['kld_mean_nats_sem']:.5f}, "
+                     f"same top token {drift['top1_agreement']:.2%}")
+    for model in bench.get("models", []):
+        decode = [t for t in model["tests"] if t["name"].startswith("tg")]
+        if decode:
+            lines.append(f"decode    {model['role']:<9} {decode[0]['tok_s']['median']:.1f} tok/s "
+                         f"(median ± IQR {decode[0]['tok_s']['iqr']:.1f}, n={decode[0]['tok_s']['n']})")
+    lines.append(f"verdict   {verify.get('verdict_line', 'not run')}")
+    lines.append(f"report    {result.output_dir / 'report.html'}"
+                 + (f" (reused: {', '.join(result.reused)})" if result.reused else ""))
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     sys.exit(main())

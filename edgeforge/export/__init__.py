@@ -61,14 +61,16 @@ def export(source_path: str | Path, target: str | Target, output_dir: str | Path
         if check and target.runs_here:
             say("checking the artifact against the eager model ...")
             session = exporter.open(tmp, manifest)
+            widened = report.get("guard_tolerance")  # the exporter's documented tolerance, kept in the manifest
+            tolerance = (widened["min_cosine"], widened["min_top1"]) if widened else None
             if source.architecture == "llama":
                 manifest["guard"] = check_decoder(session, source.model, scheme=source.scheme,
-                                                  max_seq_len=max_seq_len).to_dict()
+                                                  max_seq_len=max_seq_len, tolerance=tolerance).to_dict()
             else:
                 from edgeforge.export.guard import check_encoder
 
                 manifest["guard"] = check_encoder(session, source.model, source.tokenizer,
-                                                  scheme=source.scheme).to_dict()
+                                                  scheme=source.scheme, tolerance=tolerance).to_dict()
         else:
             manifest["guard"] = None
         manifest["report"].update(_size_report(tmp / report["model_file"], source))

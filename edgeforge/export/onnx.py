@@ -32,6 +32,22 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
 EXTERNAL_TENSOR_MIN_BYTES = 1024  # tensors smaller than this stay inside model.onnx when data goes external
 GENAI_CONFIG = "genai_config.json"
+# The guard's limits for models whose linears quantize their activations, recorded in the report with
+# the reason. Against the eager model as it is:
+# - dynamic int8 (8da4w, 8da8w): onnxruntime's MatMulNBits (accuracy_level 4) quantizes activations to
+#   int8 symmetric per block of block_size inputs (scale absmax/127), the eager model (like XNNPACK)
+#   asymmetric per token: two int8 approximations with different rounding noise;
+# - static int8 (w8a8-static): the same arithmetic, but onnxruntime's fused kernels (RMSNorm, QDQ
+#   rewrites) differ from eager torch in the last float bit, which now and then moves a value across an
+#   int8 rounding boundary; the changed key/value stays in the KV cache for every later position.
+# Both keep cosine >= 0.999, while a wrong lowering (swapped nibbles, wrong scales) lands far below.
+ACTIVATION_TOLERANCE = {"llama": {"min_cosine": 0.999, "min_top1": 0.90},
+                        "bert": {"min_cosine": 0.995, "min_top1": 0.0}}
+ACTIVATION_REASON = {
+    "dynamic_int8": "onnxruntime quantizes activations per block of block_size inputs, symmetric "
+                    "(MatMulNBits accuracy_level 4); the eager model per token, asymmetric",
+    "static_int8": "last-bit float differences of fused kernels can move an activation across an int8 "
+                   "rounding boundary; the flip persists in the KV cache"}
 
 
 @register_exporter
@@ -49,58 +65,95 @@ class OnnxExporter:
             raise UnsupportedError(f"no ONNX graph for architecture {source.architecture!r} "
                                    f"(supported: {', '.join(builders)})")
         graph = builders[source.architecture](source.model.eval(), max_seq_len=max_seq_len)
-        model = graph.model(producer="edgeforge", metadata={"edgeforge.scheme": source.scheme,
-                                                            "edgeforge.architecture": source.architecture})
-        external = save_model(model, Path(out_dir) / MODEL_FILE)
+        metadata = {"edgeforge.scheme": source.scheme, "edgeforge.architecture": source.architecture}
+        model = save_model(graph, Path(out_dir) / MODEL_FILE, metadata=metadata)
+        external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
         report = {"model_file": MODEL_FILE, "external_data": EXTERNAL_DATA_FILE if external else None,
                   "opset": {domain.domain or "ai.onnx": domain.version for domain in model.opset_import},
                   **op_report(model, target.backend)}
+        quantized_activations = _activation_schemes(source.model)
+        if quantized_activations:
+            report["guard_tolerance"] = {**ACTIVATION_TOLERANCE[source.architecture],
+                                         "reason": "; ".join(ACTIVATION_REASON[a] for a in quantized_activations)}
         if source.architecture == "llama":
             report["genai"] = write_genai_files(source, Path(out_dir), max_seq_len=max_seq_len)
+        report["check_provider"] = _check_provider(target.backend)
         report["versions"] = versions()
         onnx.checker.check_model(str(Path(out_dir) / MODEL_FILE))
         return report
 
     def open(self, artifact_dir: Path, manifest: dict):
-        from edgeforge.export.onnx_session import (OnnxDecoderSession, OnnxEncoderSession, inference_session,
-                                                   provider_for)
+        from edgeforge.export import onnx_session
 
-        session = inference_session(Path(artifact_dir) / manifest["report"]["model_file"],
-                                    provider=provider_for(manifest["target"]["backend"]))
+        session = onnx_session.inference_session(Path(artifact_dir) / manifest["report"]["model_file"],
+                                                 provider=onnx_session.provider_for(manifest["target"]["backend"]))
         if manifest["architecture"] == "bert":
-            return OnnxEncoderSession(session)
+            return onnx_session.OnnxEncoderSession(session)
         config = manifest["config"]
         head_dim = config.get("head_dim") or config["dim"] // config["n_heads"]
-        return OnnxDecoderSession(session, n_layers=config["n_layers"],
-                                  n_kv_heads=config.get("n_kv_heads") or config["n_heads"], head_dim=head_dim,
-                                  max_seq_len=manifest["max_seq_len"])
+        return onnx_session.OnnxDecoderSession(session, n_layers=config["n_layers"],
+                                               n_kv_heads=config.get("n_kv_heads") or config["n_heads"],
+                                               head_dim=head_dim, max_seq_len=manifest["max_seq_len"])
 
 
-def save_model(model, path: Path, *, threshold_bytes: int | None = None) -> bool:
-    """Write ``model``; tensors go to ``model.onnx.data`` beside it when the model is larger than the
-    threshold (default EXTERNAL_DATA_THRESHOLD_BYTES). Return whether external data was written."""
+def _check_provider(backend: str) -> str:
+    """Which execution provider the guard (and verify/bench here) runs the artifact on, said plainly."""
+    from edgeforge.export.onnx_session import PROVIDERS, provider_for
+
+    provider = provider_for(backend)
+    wanted = PROVIDERS.get(backend, provider)
+    return provider if provider == wanted else f"{provider} (this onnxruntime has no {wanted})"
+
+
+def _activation_schemes(model) -> list[str]:
+    """The quantized activation schemes (dynamic_int8, static_int8) the model's linears use."""
+    found = {getattr(module, "activations", None) for module in model.modules()}
+    return sorted(scheme.value for scheme in found if scheme is not None and scheme.value != "none")
+
+
+def save_model(graph, path: Path, *, metadata: dict[str, str]):
+    """Write ``graph`` to ``path``; its tensors go to ``model.onnx.data`` beside it when they add up to more
+    than EXTERNAL_DATA_THRESHOLD_BYTES. Return the ModelProto written."""
     import onnx
 
-    threshold = EXTERNAL_DATA_THRESHOLD_BYTES if threshold_bytes is None else threshold_bytes
-    external = model.ByteSize() > threshold
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
-    else:
-        onnx.save_model(model, str(path))
-    return external
+    external = path.parent / EXTERNAL_DATA_FILE if graph.tensor_bytes > EXTERNAL_DATA_THRESHOLD_BYTES else None
+    model = graph.model(producer="edgeforge", metadata=metadata, external_data=external,
+                        external_min_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+    onnx.save_model(model, str(path))
+    return model
 
 
 def op_report(model, backend: str) -> dict:
-    """Op counts, and for the CPU provider the ops it has no kernel for at the model's opsets."""
-    counts = Counter(node.op_type if not node.domain else f"{node.domain}::{node.op_type}" for node in model.graph.node)
+    """Op counts; for the CPU provider also what it runs (the other providers' kernels are not in this
+    onnxruntime build, so for them this is left out): ops with no CPU kernel at the model's opsets, and
+    the share of parameter elements read by ops that have one."""
+    counts = Counter(_op_name(node) for node in model.graph.node)
     report = {"total_ops": sum(counts.values()), "op_types": dict(sorted(counts.items()))}
-    if backend == "cpu":
-        report["ops_outside_ep"] = _ops_without_cpu_kernel(model)
+    if backend != "cpu":
+        return report
+    runs = _cpu_kernel_check(model)
+    outside = Counter(_op_name(node) for node in model.graph.node if not runs(node))
+    sizes = {tensor.name: _elements(tensor.dims) for tensor in model.graph.initializer}
+    read = [(sizes[name], runs(node)) for node in model.graph.node for name in node.input if name in sizes]
+    total = sum(size for size, _ in read)
+    report.update(delegated_ops=report["total_ops"] - sum(outside.values()), ops_outside_delegate=dict(outside),
+                  delegated_parameter_share=round(sum(size for size, ok in read if ok) / max(total, 1), 4))
     return report
 
 
-def _ops_without_cpu_kernel(model) -> dict[str, int]:
+def _op_name(node) -> str:
+    return f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+
+
+def _elements(dims) -> int:
+    count = 1
+    for dim in dims:
+        count *= dim
+    return count
+
+
+def _cpu_kernel_check(model):
+    """node -> whether onnxruntime's CPU provider has a kernel for its op at the model's opset."""
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
     opsets = {domain.domain or "": domain.version for domain in model.opset_import}
@@ -108,13 +161,12 @@ def _ops_without_cpu_kernel(model) -> dict[str, int]:
     for kernel in ort_c.get_all_opkernel_def():
         if kernel.provider == "CPUExecutionProvider":
             kernels.setdefault((kernel.domain or "", kernel.op_name), []).append(kernel.version_range)
-    missing: Counter = Counter()
-    for node in model.graph.node:
+
+    def runs(node) -> bool:
         version = opsets.get(node.domain or "", 1)
-        ranges = kernels.get((node.domain or "", node.op_type), [])
-        if not any(start <= version <= end for start, end in ranges):
-            missing[node.op_type if not node.domain else f"{node.domain}::{node.op_type}"] += 1
-    return dict(missing)
+        return any(start <= version <= end for start, end in kernels.get((node.domain or "", node.op_type), []))
+
+    return runs
 
 
 def write_genai_files(source, out_dir: Path, *, max_seq_len: int) -> dict:

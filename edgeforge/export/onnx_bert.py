@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 from onnx import TensorProto
+from torch import nn
 
 from edgeforge.export.onnx_graph import FLOAT_MIN, GraphBuilder, embedding, linear, numpy
 
@@ -48,14 +49,23 @@ def build_encoder(model, *, max_seq_len: int) -> GraphBuilder:
 
 def _embeddings(g: GraphBuilder, embeddings, input_ids: str, token_type_ids: str) -> str:
     name = "embeddings"
-    seq = g.op("Squeeze", [g.op("Shape", [input_ids], name=name, start=1, end=2)], name=name)
-    positions = g.op("Range", [g.constant(0), seq, g.constant(1)], name=name)  # [seq]
+    seq = g.op("Shape", [input_ids], name=name, start=1, end=2)  # [1]
     x = g.op("Add", [embedding(g, input_ids, embeddings.word_embeddings, f"{name}.word_embeddings"),
-                     embedding(g, positions, embeddings.position_embeddings, f"{name}.position_embeddings")],
+                     _positions(g, seq, embeddings.position_embeddings, f"{name}.position_embeddings")],
              name=name)
     x = g.op("Add", [x, embedding(g, token_type_ids, embeddings.token_type_embeddings,
                                   f"{name}.token_type_embeddings")], name=name)
     return _layer_norm(g, x, embeddings.LayerNorm, f"{name}.LayerNorm")
+
+
+def _positions(g: GraphBuilder, seq: str, table, name: str) -> str:
+    """Rows 0..seq-1 of the position embedding. A float table is sliced (onnxruntime 1.31 rewrites
+    Gather(table, Range) into a Slice it then fails to run); a quantized one goes through Gather."""
+    if type(table) is nn.Embedding:
+        weight = g.initializer(f"{name}.weight", numpy(table.weight.float()))
+        return g.op("Slice", [weight, g.constant([0]), seq, g.constant([0])], name=name)
+    positions = g.op("Range", [g.constant(0), g.op("Squeeze", [seq], name=name), g.constant(1)], name=name)
+    return embedding(g, positions, table, name)
 
 
 def _layer_norm(g: GraphBuilder, x: str, norm, name: str) -> str:

@@ -66,7 +66,7 @@ def write_tokenizer_json(tokenizer, out_dir: Path) -> str | None:
         return f"no tokenizer.json conversion for a {tokenizer.kind} tokenizer"
     if isinstance(spec, str):
         return spec
-    fast = _bpe_tokenizer(**spec)
+    fast = _bpe_tokenizer(**spec, bos=spec["pieces"][tokenizer.bos_id] if tokenizer.bos_id is not None else None)
     fast.save(str(out_dir / "tokenizer.json"))
     names = spec["pieces"]
     special = {"bos_token": names[tokenizer.bos_id] if tokenizer.bos_id is not None else None,
@@ -84,7 +84,8 @@ def _sentencepiece_spec(path: Path) -> dict | str:
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(path.read_bytes())
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        return f"{path.name} is a SentencePiece {sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} model; only BPE is converted to tokenizer.json"
+        kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+        return f"{path.name} is a SentencePiece {kind} model; only BPE is converted to tokenizer.json"
     normalizer = proto.normalizer_spec
     if normalizer.name not in ("identity", "") or normalizer.precompiled_charsmap:
         return f"{path.name} normalises text ({normalizer.name}); only identity normalisation is converted"
@@ -112,8 +113,8 @@ def _scored_bpe_spec(tokenizer) -> dict:
 
 
 def _bpe_tokenizer(*, pieces, scores, normal, special, unk_id, byte_fallback, add_dummy_prefix,
-                   remove_extra_whitespaces):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+                   remove_extra_whitespaces, bos: str | None):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
 
     vocab = {}
@@ -133,12 +134,15 @@ def _bpe_tokenizer(*, pieces, scores, normal, special, unk_id, byte_fallback, ad
     tokenizer.add_special_tokens([AddedToken(piece, special=True, normalized=False)
                                   for piece, is_special in zip(pieces, special) if is_special])
     steps = []
-    if remove_extra_whitespaces:  # SentencePiece: strip the ends, collapse runs of spaces
-        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if remove_extra_whitespaces:  # SentencePiece: drop spaces (only U+0020) at the ends, collapse runs of them
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     if add_dummy_prefix:
         steps.append(normalizers.Prepend(SPIECE_SPACE))
     steps.append(normalizers.Replace(" ", SPIECE_SPACE))
     tokenizer.normalizer = normalizers.Sequence(steps)
+    if bos is not None:  # encode(add_special_tokens=True) puts BOS first, as SentencePiece's users do
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                                 special_tokens=[(bos, vocab[bos])])
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(),
                                            decoders.Fuse()] + ([decoders.Strip(" ", 1, 0)] if add_dummy_prefix else []))
     return tokenizer

@@ -7,9 +7,9 @@ never re-quantized:
 - weight-only and dynamic-activation layers become ``com.microsoft::MatMulNBits`` (bits 4 or 8).
   Its B is the offset-binary layout of :mod:`edgeforge.quantize.scheme` (``q + 8`` two per byte, even
   column in the low nibble; ``q + 128`` for 8 bits), [N, blocks, block_size * bits / 8]; its scales
-  are ours [N, blocks]. A per-channel layer (one scale per row) is written with the largest block size
-  the CPU kernel takes (16..256, a power of two) and its row scale repeated in every block, which is
-  the same matrix. ``accuracy_level=4`` (int8 activations, blockwise symmetric) for dynamic int8
+  are ours [N, blocks]. A per-channel layer (one scale per row) is written in blocks of a size the CPU
+  kernel takes (16..256, see :func:`nbits_block_size`) with its row scale repeated in every block, which
+  is the same matrix. ``accuracy_level=4`` (int8 activations, blockwise symmetric) for dynamic int8
   activations, the default (float activations) for weight-only.
 - static int8 activations become a QDQ pair with the calibrated scale and zero point in front of
   ``MatMul``, whose int8 weight goes through a per-channel ``DequantizeLinear`` (axis 1 of Wᵀ):
@@ -17,6 +17,8 @@ never re-quantized:
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +32,8 @@ OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is the IR of opset 21
 MS_DOMAIN = "com.microsoft"
 NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)  # what onnxruntime's CPU MatMulNBits kernel accepts
+DYNAMIC_ACTIVATION_BLOCK = 32  # per-channel layers with int8 activations: activation quantization span
+EXTERNAL_DATA_ALIGNMENT = 4096
 FLOAT_MIN = float(np.finfo(np.float32).min)  # additive mask: finite, so a fully masked row cannot give NaN
 
 
@@ -38,7 +42,8 @@ class GraphBuilder:
 
     def __init__(self, name: str):
         self.name = name
-        self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self.nodes, self.inputs, self.outputs = [], [], []
+        self.arrays: dict[str, np.ndarray] = {}  # initializers, turned into TensorProtos only when saved
         self._used: set[str] = set()
         self._constants: dict[tuple, str] = {}
         self.float_weights: dict[int, str] = {}  # data_ptr of a float [rows, cols] weight -> its initializer
@@ -51,11 +56,13 @@ class GraphBuilder:
         return candidate
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
         name = self.unique(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.arrays[name] = np.ascontiguousarray(array)
         return name
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays.values())
 
     def constant(self, value, dtype=np.int64) -> str:
         """A small constant (shapes, axes, scalars), shared by every node that uses the same value."""
@@ -92,15 +99,46 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [source], [name], name=f"{name}/Identity"))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    def model(self, *, producer: str, metadata: dict[str, str]):
+    def model(self, *, producer: str, metadata: dict[str, str], external_data: Path | None = None,
+              external_min_bytes: int = 1024):
+        """The ModelProto. With ``external_data``, tensors of at least ``external_min_bytes`` are written
+        to that file (each at a 4 KiB-aligned offset, so onnxruntime can map it) and only referenced from
+        the proto: no single protobuf message ever holds them, so neither the 2 GiB message limit nor a
+        tensor over 2 GiB (an fp32 embedding of an 8B model) is a problem."""
         from onnx import helper
 
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        initializers = self._tensors(external_data, external_min_bytes)
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid(MS_DOMAIN, 1)],
                                   ir_version=IR_VERSION, producer_name=producer)
         helper.set_model_props(model, metadata)
         return model
+
+    def _tensors(self, external_data: Path | None, external_min_bytes: int) -> list:
+        from onnx import TensorProto, helper, numpy_helper
+
+        if external_data is None:
+            return [numpy_helper.from_array(array, name) for name, array in self.arrays.items()]
+        tensors, offset = [], 0
+        with open(external_data, "wb") as handle:
+            for name, array in self.arrays.items():
+                if array.nbytes < external_min_bytes:
+                    tensors.append(numpy_helper.from_array(array, name))
+                    continue
+                padding = -offset % EXTERNAL_DATA_ALIGNMENT
+                handle.write(b"\0" * padding)
+                offset += padding
+                handle.write(memoryview(array).cast("B"))
+                tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                     dims=array.shape)
+                for key, value in (("location", external_data.name), ("offset", offset), ("length", array.nbytes)):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                tensor.data_location = TensorProto.EXTERNAL
+                tensors.append(tensor)
+                offset += array.nbytes
+        return tensors
 
 
 def numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -141,9 +179,16 @@ def _quantized_linear(g: GraphBuilder, x: str, module: QuantizedLinear, name: st
 _LINEARS = {nn.Linear: _float_linear, QuantizedLinear: _quantized_linear}
 
 
-def nbits_block_size(module: QuantizedLinear, name: str) -> int:
-    """MatMulNBits' block_size for a layer: its group size, or for per-channel scales the largest size
-    the CPU kernel takes that is not wider than the row (rows are padded to whole blocks)."""
+def nbits_block_size(module: QuantizedLinear, name: str, *, accuracy_level: int) -> int:
+    """MatMulNBits' block_size for a layer: its group size, or for per-channel scales (which any block
+    size holds: the row scale is repeated in each block)
+
+    - with int8 activations (accuracy_level 4), DYNAMIC_ACTIVATION_BLOCK: the block is also the span
+      over which onnxruntime quantizes the activations, and long spans lose accuracy on inputs with
+      outlier channels (all-MiniLM-L6-v2 int8: cosine to fp32 0.9992 at 32, 0.9982 at 128);
+    - with float activations, the size the CPU kernel takes that stores the row in the fewest bytes,
+      padding and repeated scales included, the larger on a tie.
+    """
     in_features, groups = module.qdata.shape[1], module.scale.shape[1]
     if groups > 1:
         group_size = in_features // groups
@@ -151,8 +196,15 @@ def nbits_block_size(module: QuantizedLinear, name: str) -> int:
             raise UnsupportedError(f"{name}: group size {group_size} cannot be lowered to MatMulNBits, whose "
                                    f"block size must be one of {', '.join(map(str, NBITS_BLOCK_SIZES))}")
         return group_size
-    fitting = [size for size in NBITS_BLOCK_SIZES if size <= in_features]
-    return fitting[-1] if fitting else NBITS_BLOCK_SIZES[0]
+    if accuracy_level == 4:
+        return DYNAMIC_ACTIVATION_BLOCK if in_features >= DYNAMIC_ACTIVATION_BLOCK else NBITS_BLOCK_SIZES[0]
+    bits = module.scheme.bits
+
+    def row_bytes(size: int) -> float:
+        blocks = -(-in_features // size)
+        return blocks * size * bits / 8 + blocks * (4 + (module.zero_point is not None))
+
+    return min(NBITS_BLOCK_SIZES, key=lambda size: (row_bytes(size), -size))
 
 
 def nbits_tensors(module: QuantizedLinear, block_size: int) -> dict[str, np.ndarray]:
@@ -182,7 +234,7 @@ def nbits_tensors(module: QuantizedLinear, block_size: int) -> dict[str, np.ndar
 
 def matmul_nbits(g: GraphBuilder, x: str, module: QuantizedLinear, name: str, *, accuracy_level: int) -> str:
     out_features, in_features = module.qdata.shape
-    block_size = nbits_block_size(module, name)
+    block_size = nbits_block_size(module, name, accuracy_level=accuracy_level)
     tensors = nbits_tensors(module, block_size)
     inputs = [x, g.initializer(f"{name}.qweight", tensors["B"]), g.initializer(f"{name}.scales", tensors["scales"])]
     if "zero_points" in tensors:
@@ -199,7 +251,9 @@ def _qdq_linear(g: GraphBuilder, x: str, module: QuantizedLinear, name: str) -> 
         raise UnsupportedError(f"{name}: static activations with int{module.scheme.bits} weights; the QDQ "
                                "lowering takes int8 weights (recipe w8a8-static)")
     x_dq = quantize_dequantize(g, x, module.input_scale, module.input_zero_point, name)
-    zero_point = module.zero_point if module.zero_point is not None else torch.zeros_like(module.scale, dtype=torch.int8)
+    zero_point = module.zero_point
+    if zero_point is None:  # symmetric: an explicit int8 zero point fixes DequantizeLinear's input type
+        zero_point = torch.zeros_like(module.scale, dtype=torch.int8)
     weight = g.op("DequantizeLinear", [g.initializer(f"{name}.qweight_t", numpy(module.qdata.t())),
                                        g.initializer(f"{name}.scale", numpy(module.scale.float().reshape(-1))),
                                        g.initializer(f"{name}.zero_point", numpy(zero_point.reshape(-1)))],
@@ -208,15 +262,16 @@ def _qdq_linear(g: GraphBuilder, x: str, module: QuantizedLinear, name: str) -> 
 
 
 def quantize_dequantize(g: GraphBuilder, x: str, scale: torch.Tensor, zero_point: torch.Tensor, name: str) -> str:
-    """QuantizeLinear -> DequantizeLinear with per-tensor int8 qparams; one pair per (tensor, qparams)."""
+    """QuantizeLinear -> DequantizeLinear with per-tensor int8 qparams. One QuantizeLinear per (tensor,
+    qparams), shared by the linears reading it (wq/wk/wv, w1/w3); a DequantizeLinear per consumer, the
+    QDQ form onnxruntime's quantizer writes and its QDQ fusions expect."""
     scale_value, zero_value = float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0])
-    key = ("qdq", x, scale_value, zero_value)
+    scale_name = g.constant(np.float32(scale_value), np.float32)
+    zero_name = g.constant(np.int8(zero_value), np.int8)
+    key = ("quantized", x, scale_value, zero_value)
     if key not in g._constants:
-        scale_name = g.constant(np.float32(scale_value), np.float32)
-        zero_name = g.constant(np.int8(zero_value), np.int8)
-        quantized = g.op("QuantizeLinear", [x, scale_name, zero_name], name=f"{name}/input")
-        g._constants[key] = g.op("DequantizeLinear", [quantized, scale_name, zero_name], name=f"{name}/input")
-    return g._constants[key]
+        g._constants[key] = g.op("QuantizeLinear", [x, scale_name, zero_name], name=f"{name}/input")
+    return g.op("DequantizeLinear", [g._constants[key], scale_name, zero_name], name=f"{name}/input")
 
 
 # ---- embeddings -----------------------------------------------------------------------------------------
@@ -230,7 +285,7 @@ def embedding(g: GraphBuilder, ids: str, module: nn.Module, name: str) -> str:
     if type(module) is not QuantizedEmbedding:
         raise UnsupportedError(f"{name}: no ONNX lowering for {type(module).__name__} "
                                "(supported: Embedding, QuantizedEmbedding)")
-    rows, dim = module.qdata.shape
+    dim = module.qdata.shape[1]
     groups = module.scale.shape[1]
     values = g.op("Gather", [g.initializer(f"{name}.qdata", numpy(module.qdata)), ids], name=name)
     values = g.op("Cast", [values], name=name, to=1)  # FLOAT
@@ -246,7 +301,7 @@ def _grouped(g: GraphBuilder, values: str, qparam: str, op_type: str, groups: in
     """values [..., dim] (op) qparam [..., groups], each qparam applying to dim // groups columns."""
     if groups == 1:
         return g.op(op_type, [values, qparam], name=name)
-    grouped = g.op("Reshape", [values, g.constant([0, 0, groups, dim // groups])], name=name)
-    qparam = g.op("Unsqueeze", [qparam, g.constant([-1])], name=name)
-    result = g.op(op_type, [grouped, qparam], name=name)
-    return g.op("Reshape", [result, g.constant([0, 0, dim])], name=name)
+    shape = g.op("Shape", [values], name=name)
+    grouped = g.op("Reshape", [values, g.constant([-1, groups, dim // groups])], name=name)
+    qparam = g.op("Reshape", [qparam, g.constant([-1, groups, 1])], name=name)
+    return g.op("Reshape", [g.op(op_type, [grouped, qparam], name=name), shape], name=name)

@@ -26,14 +26,21 @@ def provider_for(backend: str) -> str:
     return provider if provider in onnxruntime.get_available_providers() else "CPUExecutionProvider"
 
 
-def inference_session(model_file: Path, *, provider: str = "CPUExecutionProvider", threads: int | None = None):
-    """An onnxruntime session on ``model_file`` (external data is read from beside it)."""
+def inference_session(model_file: Path, *, provider: str = "CPUExecutionProvider", threads: int | None = None,
+                      spin: bool = False):
+    """An onnxruntime session on ``model_file`` (external data is read from beside it).
+
+    threads: intra-op threads (onnxruntime's default: one per core). spin: let idle worker threads
+    busy-wait for the next op (onnxruntime's default; lower latency, but the spinning threads take the
+    cores from whatever runs between two calls, such as the eager model in the guard).
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if provider not in onnxruntime.get_available_providers():
         raise RuntimeFailure(f"onnxruntime {onnxruntime.__version__} here has no {provider} (it has "
                              f"{', '.join(onnxruntime.get_available_providers())})")
@@ -41,6 +48,13 @@ def inference_session(model_file: Path, *, provider: str = "CPUExecutionProvider
         return onnxruntime.InferenceSession(str(model_file), options, providers=[provider])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types with C++ text
         raise RuntimeFailure(f"onnxruntime could not load {model_file}: {str(exc).splitlines()[0]}") from exc
+
+
+def run(session, output_names: list[str], feeds: dict):
+    try:
+        return session.run(output_names, feeds)
+    except Exception as exc:  # onnxruntime's Fail/InvalidArgument carry C++ text over several lines
+        raise RuntimeFailure(f"onnxruntime failed to run the artifact: {str(exc).splitlines()[0]}") from exc
 
 
 class OnnxDecoderSession:
@@ -74,7 +88,7 @@ class OnnxDecoderSession:
         feeds = {"input_ids": tokens.to(torch.int64).numpy(),
                  "attention_mask": np.ones((1, start + positions.numel()), dtype=np.int64),
                  "position_ids": positions[None].numpy(), **self.past}
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        outputs = dict(zip(self.output_names, run(self.session, self.output_names, feeds)))
         self.past = {name.replace("present.", "past_key_values."): value for name, value in outputs.items()
                      if name.startswith("present.")}
         self.length = start + positions.numel()
@@ -91,9 +105,9 @@ class OnnxEncoderSession:
               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        feeds = {"input_ids": input_ids.to(torch.int64).numpy(), "attention_mask": attention_mask.to(torch.int64).numpy(),
-                 "token_type_ids": token_type_ids.to(torch.int64).numpy()}
-        return torch.from_numpy(self.session.run(["sentence_embedding"], feeds)[0])
+        feeds = {name: tensor.to(torch.int64).numpy() for name, tensor in
+                 (("input_ids", input_ids), ("attention_mask", attention_mask), ("token_type_ids", token_type_ids))}
+        return torch.from_numpy(run(self.session, ["sentence_embedding"], feeds)[0])
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         raise UnsupportedError("an encoder artifact has no forward(tokens, input_pos); use embed(...)")

@@ -14,6 +14,7 @@ whole model in memory and hook every linear at once, which is what streaming mus
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ from edgeforge.quantize.calibration import CalibrationSet
 from edgeforge.quantize.checkpoint import KIND, SCHEMA_VERSION, layer_tensors, save_quantized
 from edgeforge.quantize.fold import fold_scales_into_linear, fold_scales_into_norm
 from edgeforge.quantize.gptq import HessianAccumulator, gptq_quantize
-from edgeforge.quantize.metrics import relative_output_error, sqnr_db
+from edgeforge.quantize.metrics import sqnr_db
 from edgeforge.quantize.recipe import Recipe
 from edgeforge.quantize.rtn import mse_clip_search, rtn_quantize
 from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, WeightScheme, dequantize
@@ -48,7 +49,7 @@ GROUPS = (
 )
 BATCH = 8  # calibration sequences per forward
 PROBE_ROWS = 4096  # token rows kept per group for AWQ's search and the sensitivity table
-GPTQ_ROW_CHUNK = 8192  # GPTQ rows are independent given the Hessian: chunk them to bound memory
+ROW_CHUNK = 8192  # output rows quantized at a time: bounds the temporaries of a 128k-row head
 CLIPPING = {"mse", "awq", "gptq", "awq+gptq"}  # int4 scales from an MSE clip search (AWQ's auto-clip)
 
 
@@ -216,10 +217,10 @@ class _BlockQuantizer:
         if plan is None:
             self.out["tok_embeddings.weight"] = embedding.clone()
             return
-        weight = rtn_quantize(embedding, plan.scheme)
+        weight = _concat([rtn_quantize(rows, plan.scheme) for rows in embedding.split(ROW_CHUNK)])  # no Hessian
         self.out.update(layer_tensors("tok_embeddings", weight, plan.scheme))
-        self.stats["tok_embeddings"] = {"scheme": plan.scheme.to_dict(), "activations": "none", "algorithm": "rtn",
-                                        "weight_sqnr_db": sqnr_db(embedding, dequantize(*weight))}
+        stats = self._layer_stats("tok_embeddings", plan.scheme, embedding, weight, None)
+        self.stats["tok_embeddings"] = {**stats, "activations": "none", "algorithm": "rtn"}
 
     def _stage_inputs(self, block: TransformerBlock, hidden: list[torch.Tensor], stage: int):
         """Per batch, the input of GROUPS[stage] given the block's current weights (and h after attention)."""
@@ -300,40 +301,53 @@ class _BlockQuantizer:
             weight = module.weight.detach().float()
             quantized = self._round(weight, scheme, h)
             self.out.update(layer_tensors(name, quantized, scheme, input_qparams))
-            dequantized = dequantize(*quantized)
-            self.stats[name] = self._layer_stats(name, scheme, weight, dequantized, probe)
-            module.weight = torch.nn.Parameter(dequantized, requires_grad=False)
+            self.stats[name] = self._layer_stats(name, scheme, weight, quantized, probe)
+            if name != "output":  # later groups of the block read this layer's quantized output
+                module.weight = torch.nn.Parameter(dequantize(*quantized), requires_grad=False)
 
     def _round(self, weight: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None) -> QuantizedWeight:
+        """Quantize ``weight`` a chunk of rows at a time (every method here treats rows independently), so a
+        128k-row head never needs more than a chunk's worth of temporaries."""
+        return _concat([self._round_rows(rows, scheme, hessian) for rows in weight.split(ROW_CHUNK)])
+
+    def _round_rows(self, rows: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None) -> QuantizedWeight:
         clip = None
         if self.algorithm in CLIPPING and scheme.bits == 4:
             moment = hessian.diagonal().float() if hessian is not None else None
-            clip = mse_clip_search(weight, scheme, input_second_moment=moment, grid=self.recipe.mse.grid)
+            clip = mse_clip_search(rows, scheme, input_second_moment=moment, grid=self.recipe.mse.grid)
         if hessian is None or self.algorithm not in ("gptq", "awq+gptq"):
-            return rtn_quantize(weight, scheme, clip_ratio=clip)
+            return rtn_quantize(rows, scheme, clip_ratio=clip)
         settings = self.recipe.gptq
-        clips = clip.split(GPTQ_ROW_CHUNK) if clip is not None else [None] * len(weight.split(GPTQ_ROW_CHUNK))
-        parts = [gptq_quantize(rows, hessian, scheme, damp=settings.damp, block_size=settings.block_size,
-                               act_order=settings.act_order, clip_ratio=rows_clip)
-                 for rows, rows_clip in zip(weight.split(GPTQ_ROW_CHUNK), clips)]
-        zero = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
-        return QuantizedWeight(torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]), zero)
+        return gptq_quantize(rows, hessian, scheme, damp=settings.damp, block_size=settings.block_size,
+                             act_order=settings.act_order, clip_ratio=clip)
 
-    def _layer_stats(self, name, scheme, weight, dequantized, probe) -> dict:
-        """Sensitivity of one layer on calibration inputs: output error vs fp32, and plain RTN's for comparison."""
+    def _layer_stats(self, name, scheme, weight, quantized: QuantizedWeight, probe) -> dict:
+        """Sensitivity of one layer: weight SQNR, and on calibration inputs the output error against fp32 next
+        to plain RTN's. Accumulated over row chunks (the output head has 128k rows)."""
+        x_q = None
+        if probe is not None:
+            x_q = quantize_activations_per_token(probe) if self.activations is ActivationScheme.DYNAMIC_INT8 else probe
+        sums = dict.fromkeys(("weight", "weight_error", "output", "output_error", "rtn_error"), 0.0)
+        for start in range(0, weight.shape[0], ROW_CHUNK):
+            rows = slice(start, start + ROW_CHUNK)
+            zero = None if quantized.zero_point is None else quantized.zero_point[rows]
+            dequantized = dequantize(quantized.qdata[rows], quantized.scale[rows], zero)
+            sums["weight"] += weight[rows].pow(2).sum().item()
+            sums["weight_error"] += (weight[rows] - dequantized).pow(2).sum().item()
+            if x_q is not None:
+                reference = probe @ weight[rows].T
+                sums["output"] += reference.pow(2).sum().item()
+                sums["output_error"] += (reference - x_q @ dequantized.T).pow(2).sum().item()
+                rtn = dequantize(*rtn_quantize(weight[rows], scheme))
+                sums["rtn_error"] += (reference - x_q @ rtn.T).pow(2).sum().item()
         record = {"scheme": scheme.to_dict(), "activations": self.activations.value, "algorithm": self.algorithm,
-                  "weight_sqnr_db": sqnr_db(weight, dequantized)}
+                  "weight_sqnr_db": _db(sums["weight"], sums["weight_error"])}
         if self.plans[name].note:
             record["fallback"] = self.plans[name].note
-        if probe is None:
-            return record
-        x_q = quantize_activations_per_token(probe) if self.activations is ActivationScheme.DYNAMIC_INT8 else probe
-        reference = probe @ weight.T
-        quantized_out = x_q @ dequantized.T
-        rtn_out = x_q @ dequantize(*rtn_quantize(weight, scheme)).T
-        record.update(rel_error=relative_output_error(reference, quantized_out),
-                      rel_error_rtn=relative_output_error(reference, rtn_out),
-                      output_sqnr_db=sqnr_db(reference, quantized_out))
+        if x_q is not None:
+            record.update(rel_error=math.sqrt(sums["output_error"] / sums["output"]),
+                          rel_error_rtn=math.sqrt(sums["rtn_error"] / sums["output"]),
+                          output_sqnr_db=_db(sums["output"], sums["output_error"]))
         return record
 
     def _quantize_head(self, hidden: list[torch.Tensor]) -> None:
@@ -381,3 +395,14 @@ def _error_text(layer_stats: dict | None) -> str:
     if layer_stats is None:
         return "kept"
     return f"{layer_stats['rel_error']:.4f}" if "rel_error" in layer_stats else "rtn"
+
+
+def _db(signal: float, noise: float) -> float:
+    """10·log10(signal energy / noise energy): the SQNR of sums of squares (inf when exact)."""
+    return float("inf") if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+def _concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack row chunks of a quantized weight back into one."""
+    zero = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
+    return QuantizedWeight(torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]), zero)

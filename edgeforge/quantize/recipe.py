@@ -61,7 +61,7 @@ class AwqSettings:
 class MseSettings:
     """grid: clip ratios tried between 1.0 and 0.5 per group."""
 
-    grid: int = 50
+    grid: int = 20
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class TokenStats:
         return self.kld.numel()
 
     @classmethod
-    def cat(cls, parts: Sequence["TokenStats"]) -> "TokenStats":
+    def cat(cls, parts: Sequence[TokenStats]) -> TokenStats:
         """Concatenate the statistics of several windows."""
         if not parts:
             raise InputError("no token statistics to concatenate")

@@ -1,0 +1,200 @@
+"""`forge`: quantize -> export -> verify -> bench -> report, in one call.
+
+Each stage writes its output under the forge directory and records a key: the SHA-256 of its
+inputs' content and its settings. A rerun reuses every stage whose key is unchanged and whose
+output is still there, so an interrupted run resumes where it stopped. Outputs are written to a
+temporary sibling and renamed into place, so an interrupted stage leaves nothing half-written.
+
+    OUT/quantized/      edgeforge quantized checkpoint
+    OUT/artifact/       exported artifact (.pte or ONNX) + tokenizer + manifest
+    OUT/verify.json     drift of the artifact against the fp32 reference
+    OUT/bench.json      latency of the artifact and of the reference
+    OUT/report.json, OUT/report.html
+    OUT/forge-state.json  stage keys and records
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgeforge.fileio import read_json, write_json_atomic
+
+STATE_FILE = "forge-state.json"
+BUNDLED_TEXT = Path(__file__).resolve().parent / "data" / "tinystories"
+
+
+@dataclass(frozen=True)
+class ForgeSettings:
+    """What `forge` does. calib/data: calibration and evaluation text (default: the bundled TinyStories
+    samples); samples/seq_len/seed override the recipe's calibration settings; max_seq_len sizes the
+    exported KV cache; eval_seq_len/eval_windows shape verify; repetitions for bench."""
+
+    recipe: str
+    target: str
+    checkpoint: str | None = None
+    calib: str | None = None
+    data: str | None = None
+    samples: int | None = None
+    seq_len: int | None = None
+    seed: int | None = None
+    max_seq_len: int | None = None
+    eval_seq_len: int = 256
+    eval_windows: int = 32
+    repetitions: int = 5
+
+
+@dataclass
+class ForgeResult:
+    output_dir: Path
+    report: dict
+    reused: list[str]
+
+
+def file_sha256(*paths: Path) -> str:
+    """SHA-256 over files (a directory contributes its regular files, sorted)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Stages:
+    """Runs stages in order, reusing those whose key and output are unchanged."""
+
+    def __init__(self, output_dir: Path, say: Callable[[str], None]):
+        self.output_dir, self.say = output_dir, say
+        self.path = output_dir / STATE_FILE
+        self.state = read_json(self.path) if self.path.exists() else {"stages": {}}
+        self.reused: list[str] = []
+        self.timings: dict[str, dict] = {}
+
+    def run(self, name: str, key: str, output: Path, work: Callable[[], dict]) -> dict:
+        prior = self.state["stages"].get(name)
+        if prior and prior["key"] == key and output.exists():
+            self.say(f"[{name}] reused: inputs unchanged ({output})")
+            self.reused.append(name)
+            self.timings[name] = {"seconds": prior["seconds"], "reused": True}
+            return prior["record"]
+        self.say(f"[{name}] running ...")
+        start = time.perf_counter()
+        record = work()
+        seconds = round(time.perf_counter() - start, 3)
+        self.state["stages"][name] = {"key": key, "seconds": seconds, "record": record}
+        write_json_atomic(self.path, self.state)
+        self.timings[name] = {"seconds": seconds, "reused": False}
+        self.say(f"[{name}] done in {seconds:.1f} s")
+        return record
+
+
+def forge(settings: ForgeSettings, output_dir: str | Path, *,
+          progress: Callable[[str], None] | None = None) -> ForgeResult:
+    """Run the whole pipeline into ``output_dir``; see the module docstring for the layout."""
+    from edgeforge.checkpoints import DEFAULT_CHECKPOINT, open_checkpoint
+    from edgeforge.export import load_target
+    from edgeforge.quantize import load_recipe
+    from edgeforge.quantize.calibration import read_documents
+
+    say = progress or (lambda message: None)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(output_dir, say)
+    checkpoint = open_checkpoint(settings.checkpoint or DEFAULT_CHECKPOINT)
+    recipe = load_recipe(settings.recipe)
+    recipe = replace(recipe, calibration=replace(recipe.calibration, **{
+        k: v for k, v in {"samples": settings.samples, "seq_len": settings.seq_len, "seed": settings.seed}.items()
+        if v is not None}))
+    target = load_target(settings.target)
+    calib = Path(settings.calib) if settings.calib else BUNDLED_TEXT / "calibration.txt"
+    data = Path(settings.data) if settings.data else BUNDLED_TEXT / "evaluation.txt"
+    source_sha = checkpoint.content_hash()
+    calib_sha = read_documents(calib)[1] if recipe.needs_calibration or settings.calib else None
+
+    quantized_dir = output_dir / "quantized"
+    quantize_record = stages.run(
+        "quantize", _key(source=source_sha, recipe=recipe.to_dict(), calib=calib_sha), quantized_dir,
+        lambda: _quantize(checkpoint, recipe, calib if calib_sha else None, quantized_dir, say))
+
+    artifact_dir = output_dir / "artifact"
+    export_record = stages.run(
+        "export", _key(quantized=file_sha256(quantized_dir), target=target.to_dict(), max_seq_len=settings.max_seq_len),
+        artifact_dir, lambda: _export(quantized_dir, target, artifact_dir, settings.max_seq_len, say))
+    artifact_sha = file_sha256(artifact_dir)
+
+    verify_path = output_dir / "verify.json"
+    verify_record = stages.run(
+        "verify", _key(artifact=artifact_sha, reference=source_sha, data=read_documents(data)[1],
+                       seq_len=settings.eval_seq_len, windows=settings.eval_windows), verify_path,
+        lambda: _verify(artifact_dir, checkpoint.path, data, settings, verify_path))
+
+    bench_path = output_dir / "bench.json"
+    bench_record = stages.run(
+        "bench", _key(artifact=artifact_sha, reference=source_sha, repetitions=settings.repetitions), bench_path,
+        lambda: _bench(artifact_dir, checkpoint.path, settings, bench_path))
+
+    from edgeforge.report import build_report, write_html
+
+    report = build_report(
+        source={"path": str(checkpoint.path), "format": checkpoint.format, "sha256": source_sha},
+        recipe=recipe.to_dict(), target=target.to_dict(), stages=stages.timings,
+        quantize=quantize_record, export=export_record, verify=verify_record, bench=bench_record)
+    write_json_atomic(output_dir / "report.json", report)
+    write_html(report, output_dir / "report.html")
+    say(f"[report] {output_dir / 'report.json'}, {output_dir / 'report.html'}")
+    return ForgeResult(output_dir, report, stages.reused)
+
+
+def _quantize(checkpoint, recipe, calib: Path | None, output: Path, say) -> dict:
+    from edgeforge.quantize import quantize_checkpoint
+    from edgeforge.quantize.calibration import build_calibration
+
+    calibration = None
+    if calib is not None:
+        settings = recipe.calibration
+        seq_len = min(settings.seq_len, checkpoint.config.max_seq_len)
+        calibration = build_calibration(calib, checkpoint.tokenizer, samples=settings.samples, seq_len=seq_len,
+                                        seed=settings.seed)
+    result = quantize_checkpoint(checkpoint, recipe, calibration=calibration, output_dir=output, progress=say)
+    return {"seconds": round(result.seconds, 3), "algorithm": recipe.algorithm, "layers": result.manifest["layers"],
+            "fallbacks": result.manifest["fallbacks"], "calibration": result.manifest["calibration"]}
+
+
+def _export(quantized_dir: Path, target, output: Path, max_seq_len: int | None, say) -> dict:
+    from edgeforge.export import export
+
+    artifact = export(quantized_dir, target, output, max_seq_len=max_seq_len, progress=say)
+    manifest = artifact.manifest
+    return {"artifact": str(artifact.path), "format": manifest["format"], "scheme": manifest["scheme"],
+            "model_file": manifest["report"]["model_file"], "report": manifest["report"], "guard": manifest["guard"],
+            "max_seq_len": manifest["max_seq_len"]}
+
+
+def _verify(artifact_dir: Path, reference: Path, data: Path, settings: ForgeSettings, output: Path) -> dict:
+    from edgeforge.verify.verify import VerifyOptions, verify
+
+    report = verify(artifact_dir, reference, data, VerifyOptions(seq_len=settings.eval_seq_len,
+                                                                 windows=settings.eval_windows))
+    record = report.to_record()
+    write_json_atomic(output, record)
+    return record
+
+
+def _bench(artifact_dir: Path, reference: Path, settings: ForgeSettings, output: Path) -> dict:
+    from edgeforge.verify.bench import BenchSettings, bench
+
+    record = bench(artifact_dir, reference=reference, settings=BenchSettings(repetitions=settings.repetitions)).to_dict()
+    write_json_atomic(output, record)
+    return record

@@ -1,0 +1,231 @@
+"""A self-contained HTML page for a forge report: tables plus matplotlib plots embedded as PNG data URIs,
+so it opens offline and can be attached to a CI run or a pull request as one file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from edgeforge.fileio import write_text_atomic
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:72rem;color:#1b1f24;padding:0 1rem}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}td,th{border:1px solid #d0d7de;padding:.2rem .5rem;text-align:left}
+th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}.muted{color:#57606a}
+img{max-width:100%;border:1px solid #d0d7de;margin:.5rem 0}
+"""
+
+
+def render_html(report: dict) -> str:
+    """The report as one HTML document."""
+    sections = [_summary(report), _quantize_section(report.get("quantize")), _export_section(report.get("export")),
+                _verify_section(report.get("verify")), _bench_section(report.get("bench")), _provenance(report)]
+    title = f"edgeforge report: {Path(report['source']['path']).name} · {report['recipe']['name']} · " \
+            f"{report['target']['name']}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_STYLE}</style>"
+            f"</head><body><h1>{_e(title)}</h1>{''.join(s for s in sections if s)}</body></html>")
+
+
+def write_html(report: dict, path: str | Path) -> None:
+    write_text_atomic(path, render_html(report))
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class='{'num' if i >= numeric_from else ''}'>{_e(c)}</td>"
+                                   for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _png(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return f"<img alt='plot' src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def _summary(report: dict) -> str:
+    verify, bench, export = report.get("verify") or {}, report.get("bench") or {}, report.get("export") or {}
+    verdict = verify.get("verdict", "not run")
+    css = "pass" if verdict == "pass" else "fail" if verdict == "fail" else "muted"
+    rows = [["source", report["source"]["path"]], ["recipe", f"{report['recipe']['name']}: "
+                                                   f"{report['recipe'].get('description', '')}"],
+            ["target", f"{report['target']['name']}: {report['target'].get('description', '')}"]]
+    if export:
+        size = export.get("report", {})
+        rows.append(["artifact", f"{export.get('artifact')} ({size.get('size_bytes', 0):,} bytes, "
+                                 f"{size.get('bytes_per_parameter', 0):.3f} bytes/parameter)"])
+    stages = ", ".join(f"{name} {t['seconds']:.1f} s{' (reused)' if t['reused'] else ''}"
+                       for name, t in report.get("stages", {}).items())
+    rows.append(["stages", stages])
+    line = verify.get("verdict_line", "")
+    speed = ""
+    for model in bench.get("models", []):
+        if model.get("role") != "reference":
+            decode = [t for t in model.get("tests", []) if t["name"].startswith("tg")]
+            if decode and decode[0].get("speedup"):
+                speed = f"decode {decode[0]['tok_s']['median']:.1f} tok/s, {decode[0]['speedup']['median']:.2f}x the fp32 reference"
+    return (f"<p class='{css}'>{_e(line or verdict)}</p>" + (f"<p>{_e(speed)}</p>" if speed else "")
+            + _table(["", ""], rows, numeric_from=9))
+
+
+def _quantize_section(quantize: dict | None) -> str:
+    if not quantize:
+        return ""
+    layers = quantize["layers"]
+    rows = [[name, f"int{l['scheme']['bits']} " + (f"g{l['scheme']['group_size']}" if l["scheme"]["group_size"]
+                                                   else "per-channel"),
+             _fmt(l.get("rel_error")), _fmt(l.get("rel_error_rtn")),
+             _fmt(l.get("output_sqnr_db", l.get("weight_sqnr_db")), ".1f"), l.get("fallback", "")]
+            for name, l in layers.items()]
+    plot = ""
+    measured = [(name, l["rel_error"], l["rel_error_rtn"]) for name, l in layers.items() if "rel_error" in l]
+    if measured:
+        figure, axis = _figure(10, max(2.5, 0.18 * len(measured)))
+        positions = range(len(measured))
+        axis.barh([p + 0.2 for p in positions], [m[2] for m in measured], height=0.4, label="round-to-nearest",
+                  color="#bbbbbb")
+        axis.barh([p - 0.2 for p in positions], [m[1] for m in measured], height=0.4,
+                  label=quantize.get("algorithm", "edgeforge"), color="#1f6feb")
+        axis.set_yticks(list(positions), [m[0] for m in measured], fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlabel("relative output error on calibration inputs")
+        axis.legend()
+        plot = _png(figure)
+    calibration = quantize.get("calibration") or {}
+    note = (f"calibration: {calibration.get('samples')} x {calibration.get('seq_len')} tokens from "
+            f"{calibration.get('source')} (sha256 {str(calibration.get('sha256'))[:12]}...)" if calibration
+            else "data-free recipe: no calibration text")
+    return (f"<h2>Quantization</h2><p>{_e(note)}; {quantize.get('seconds', 0):.1f} s</p>{plot}"
+            + _table(["layer", "scheme", "rel. error", "RTN rel. error", "SQNR dB", "fallback"], rows, numeric_from=2))
+
+
+def _export_section(export: dict | None) -> str:
+    if not export:
+        return ""
+    report, guard = export["report"], export.get("guard")
+    rows = [["artifact", export["artifact"]], ["format / scheme", f"{export['format']} / {export['scheme']}"],
+            ["size", f"{report['size_bytes']:,} bytes ({report['size_ratio_to_expected']:.2f}x what the scheme implies)"],
+            ["parameters", f"{report['parameters']:,} ({report['bytes_per_parameter']:.3f} bytes each)"],
+            ["KV cache length", export.get("max_seq_len")],
+            ["export", f"{report['export_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"]]
+    if "delegated_ops" in report:
+        outside = ", ".join(f"{op} x{n}" for op, n in report.get("ops_outside_delegate", {}).items()) or "none"
+        rows.append(["delegation", f"{report['delegated_ops']}/{report['total_ops']} ops, "
+                                   f"{report.get('delegated_parameter_share', 0):.1%} of parameters; outside: {outside}"])
+    if guard:
+        rows.append(["export guard", f"passed: min cosine {guard['min_cosine']:.5f}, top-1 "
+                                     f"{guard['top1_agreement']:.3f} over {guard['positions']} positions"])
+    if "size_warning" in report:
+        rows.append(["warning", report["size_warning"]])
+    return "<h2>Export</h2>" + _table(["", ""], rows, numeric_from=9)
+
+
+def _verify_section(verify: dict | None) -> str:
+    if not verify:
+        return ""
+    drift, embedding = verify.get("drift"), verify.get("embedding")
+    rows, plot = [], ""
+    if drift:
+        rows = [["tokens", drift["token_count"]],
+                ["perplexity ref / test", f"{drift['ppl_ref']:.4f} / {drift['ppl_test']:.4f}"],
+                ["ppl ratio", f"{drift['ppl_ratio']:.4f} ± {drift['ppl_ratio_sem']:.4f}"],
+                ["mean KLD (nats)", f"{drift['kld_mean_nats']:.5f} ± {drift['kld_mean_nats_sem']:.5f}"],
+                ["KLD median / p90 / p99 / max", " / ".join(f"{drift[k]:.5f}" for k in (
+                    "kld_median_nats", "kld_p90_nats", "kld_p99_nats", "kld_max_nats"))],
+                ["same top token", f"{drift['top1_agreement']:.2%} ± {drift['top1_agreement_sem']:.2%}"],
+                ["RMS Δp", f"{drift['rms_delta_p']:.4f} ± {drift['rms_delta_p_sem']:.4f}"]]
+        windows = (verify.get("samples") or {}).get("window_kld_mean_nats") or []
+        if windows:
+            figure, axis = _figure(7, 3)
+            axis.hist(windows, bins=min(30, max(5, len(windows) // 2)), color="#1f6feb")
+            for key, style in (("kld_median_nats", "--"), ("kld_p90_nats", ":"), ("kld_p99_nats", "-.")):
+                axis.axvline(drift[key], color="#cf222e", linestyle=style, label=f"per-token {key[4:-5]}")
+            axis.set_xlabel("KL divergence (nats): histogram of per-window means, per-token percentiles marked")
+            axis.set_ylabel("windows")
+            axis.legend(fontsize=7)
+            plot = _png(figure)
+    if embedding:
+        rows += [["sentences", embedding["sentence_count"]],
+                 ["cosine mean / p1 / min", f"{embedding['cosine_mean']:.5f} / {embedding['cosine_p1']:.5f} / "
+                                            f"{embedding['cosine_min']:.5f}"],
+                 [f"recall@{embedding['neighbours']}", f"{embedding['recall_at_k']:.3f}"]]
+    for gate in verify.get("gates", []):
+        rows.append([f"gate {gate['gate']}", f"{'PASS' if gate['passed'] else 'FAIL'}: {gate['statistic']} "
+                                             f"{gate['value']:.5f} {gate['op']} {gate['threshold']}"])
+    data = verify.get("data") or {}
+    return (f"<h2>Drift of the artifact against the fp32 reference</h2><p class='muted'>evaluation text "
+            f"{_e(data.get('path'))} (sha256 {_e(str(data.get('sha256'))[:12])}...), run in the artifact's own runtime</p>"
+            + plot + _table(["", ""], rows, numeric_from=9))
+
+
+def _bench_section(bench: dict | None) -> str:
+    if not bench:
+        return ""
+    models = bench.get("models", [])
+    rows, names, series = [], [], {}
+    for model in models:
+        for test in model.get("tests", []):
+            speed = test.get("speedup")
+            rows.append([model["role"], model.get("label", ""), test["name"], f"{test['tok_s']['median']:.1f}",
+                         f"{test['tok_s']['iqr']:.1f}", test["tok_s"]["n"],
+                         f"{speed['median']:.2f}x" if speed else "-"])
+            if test["name"] not in names:
+                names.append(test["name"])
+            series.setdefault(model["role"], {})[test["name"]] = test["tok_s"]["median"]
+    plot = ""
+    if series:
+        figure, axis = _figure(7, 3)
+        width = 0.8 / len(series)
+        for index, (role, values) in enumerate(series.items()):
+            axis.bar([i + index * width for i in range(len(names))], [values.get(n, 0) for n in names], width,
+                     label=role, color="#1f6feb" if role != "reference" else "#bbbbbb")
+        axis.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names)
+        axis.set_ylabel("tokens/s (median)")
+        axis.set_yscale("log")
+        axis.legend()
+        plot = _png(figure)
+    ceilings = []
+    for model in models:
+        ceiling = model.get("ceiling") or {}
+        if ceiling:
+            state = f"{ceiling['share']:.2%}" if ceiling.get("valid") else "INVALID (above 100%)"
+            ceilings.append(f"{model['role']}: {ceiling['bytes_per_token'] / 1e6:.3f} MB/token at "
+                            f"{ceiling['bandwidth_gb_s']:.1f} GB/s -> ceiling {ceiling['ceiling_tok_s']:,.0f} tok/s, "
+                            f"reached {state}")
+    return ("<h2>Latency on this machine</h2>" + plot
+            + _table(["model", "label", "test", "t/s median", "IQR", "n", "vs reference"], rows, numeric_from=3)
+            + "".join(f"<p>{_e(c)}</p>" for c in ceilings)
+            + f"<p class='muted'>timed: {_e(bench.get('timed', ''))}</p>")
+
+
+def _provenance(report: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+    machine = (report.get("bench") or {}).get("machine") or {}
+    cpu = f"{machine.get('cpu_model')}, {machine.get('usable_cpus')} CPUs" if machine else "not measured"
+    return (f"<h2>Provenance</h2>" + _table(["", ""], [["created", report["created"]], ["versions", versions],
+                                                       ["machine", cpu],
+                                                       ["source sha256", report["source"]["sha256"]]], numeric_from=9))

@@ -1,0 +1,384 @@
+"""Bench: how fast an artifact runs on this machine, beside its fp32 eager reference, against the
+memory-bandwidth ceiling.
+
+    record = bench("llama-int4.pte.d")          # reference: the fp32 checkpoint its manifests name
+    print(format_bench(record)); json.dumps(record.to_dict())
+
+Inputs: an exported artifact (.pte / ONNX directory), an edgeforge quantized checkpoint (run eager)
+or an fp32 checkpoint (run eager). Output: a :class:`BenchRecord` with load time, TTFT and prefill
+tokens/s per prompt length (``pp16`` ...), decode tokens/s (``tg32``), peak RSS and size per model;
+the paired speed-up against the reference; the measured bandwidth; the machine.
+
+Method (llama-bench's, with medians): each model lives in its own fresh process
+(:mod:`edgeforge.verify.bench_worker`, which documents what is timed), so its peak RSS is its own.
+Both are loaded, then ``warmup`` untimed rounds and ``repetitions`` timed rounds run, alternating
+the two models within each round (ABBA) so a noisy neighbour slows both alike; speed-up is the
+median of the per-round ratios. Every figure is a median with its IQR, stddev and n; the raw
+samples are in the record.
+
+Ceiling: decode reads every weight once per token, so tokens/s <= bandwidth / bytes per token.
+Bytes per token are what the scheme implies (integers at their bit width + fp32 scales + fp32
+rest; one row of an untied embedding table), not a runtime's packed layout or the KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from edgeforge.errors import ConfigError
+from edgeforge.verify.bench_models import ModelInfo, decode_bytes_per_token, default_reference, describe_model
+from edgeforge.verify.machine import Bandwidth, Ceiling, bandwidth_ceiling
+
+__all__ = ["BenchRecord", "BenchSettings", "Ceiling", "ModelResult", "Spread", "TestResult", "bandwidth_ceiling",
+           "bench", "decode_bytes_per_token", "describe_model", "format_bench"]
+
+TIMED = ("tokenizer excluded (prompts are fixed random token ids); TTFT = prefill forward from an empty cache "
+         "+ argmax of the last logits; ppN t/s = N / TTFT; tgN = N single-token forwards after a prefill of "
+         "the shortest prompt, greedy, N / their total time; load = artifact open or eager load + KV-cache "
+         "setup (runtime imports timed apart), n=1")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to run.
+
+    prompt_lengths: prefill tests (``ppN``); the shortest is also the context decode starts from.
+    decode_tokens: tokens per decode sample (``tgN``). repetitions: timed rounds; warmup: untimed rounds.
+    threads: CPU threads (None: every CPU this process may use). bandwidth_bytes: working set of the
+    bandwidth test (None: above 4x the last-level cache). seed: draws the prompt token ids.
+    """
+
+    prompt_lengths: tuple[int, ...] = (16, 64, 256)
+    decode_tokens: int = 32
+    repetitions: int = 5
+    warmup: int = 1
+    threads: int | None = None
+    bandwidth_bytes: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.prompt_lengths or any(not isinstance(n, int) or n < 1 for n in self.prompt_lengths):
+            raise ConfigError(f"prompt lengths must be positive integers, got {self.prompt_lengths!r}")
+        if len(set(self.prompt_lengths)) != len(self.prompt_lengths):
+            raise ConfigError(f"prompt lengths must be distinct, got {self.prompt_lengths!r}")
+        for name in ("decode_tokens", "repetitions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"warmup must be >= 0 and threads >= 1, got {self.warmup} and {self.threads}")
+
+    @classmethod
+    def from_options(cls, *, prompt_lengths: str | None = None, **options) -> BenchSettings:
+        """From CLI options: None means the default; prompt lengths as "16,64,256"."""
+        chosen = {k: v for k, v in options.items() if v is not None}
+        if prompt_lengths is not None:
+            try:
+                chosen["prompt_lengths"] = tuple(int(part) for part in prompt_lengths.split(","))
+            except ValueError:
+                raise ConfigError(f"--prompt-lengths takes comma-separated integers, got {prompt_lengths!r}") from None
+        return cls(**chosen)
+
+
+# ---- statistics ----
+
+@dataclass(frozen=True)
+class Spread:
+    """Median, quartiles (linear interpolation), IQR = q3 - q1, mean, sample stddev (0 for n = 1), n."""
+
+    median: float
+    q1: float
+    q3: float
+    iqr: float
+    mean: float
+    stddev: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Spread:
+        ordered = sorted(samples)
+        q1, q3 = _quantile(ordered, 0.25), _quantile(ordered, 0.75)
+        return cls(median=statistics.median(ordered), q1=q1, q3=q3, iqr=q3 - q1, mean=statistics.fmean(ordered),
+                   stddev=statistics.stdev(ordered) if len(ordered) > 1 else 0.0, min=ordered[0], max=ordered[-1],
+                   n=len(ordered))
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# ---- the record ----
+
+@dataclass
+class TestResult:
+    """One llama-bench test: ``pp16`` (prefill 16 tokens from an empty cache) or ``tg32`` (decode 32
+    tokens after ``depth`` cached ones). samples_s: seconds per repetition; ttft_ms: pp tests only;
+    speedup: per-round tok/s ratio against the reference (None on the reference itself)."""
+
+    name: str
+    tokens: int
+    depth: int
+    samples_s: list[float]
+    samples_tok_s: list[float]
+    tok_s: Spread
+    ttft_ms: Spread | None
+    speedup: Spread | None = None
+
+
+@dataclass
+class ModelResult:
+    """One model's measurements. format/backend: "pte"/"onnx" in their runtime, else "torch eager";
+    import_s: runtime imports (not in load_s); load_s: open/load + KV-cache setup, n=1;
+    rss_*: resident memory of the model's own process after imports, after load, and its peak (ru_maxrss:
+    interpreter + torch + runtime + weights + KV cache + activations); threads_note: how threads were set."""
+
+    role: str  # "candidate" | "reference"
+    label: str
+    path: str
+    format: str
+    backend: str
+    scheme: str
+    size_bytes: int
+    parameters: int
+    max_seq_len: int
+    import_s: float
+    load_s: float
+    rss_after_import_bytes: int
+    rss_after_load_bytes: int
+    peak_rss_bytes: int
+    threads_note: str
+    tests: list[TestResult]
+    ceiling: Ceiling
+    bytes_basis: str
+
+    def test(self, name: str) -> TestResult:
+        return next(t for t in self.tests if t.name == name)
+
+
+@dataclass
+class BenchRecord:
+    """Everything one bench run measured; ``to_dict()`` is the JSON form, ``format_bench`` the table."""
+
+    models: list[ModelResult]  # the candidate first
+    settings: dict
+    prompt_token_ids: list[list[int]]
+    bandwidth: dict
+    machine: dict
+    timed: str = TIMED
+    caveats: list[str] = field(default_factory=list)
+
+    @property
+    def candidate(self) -> ModelResult:
+        return self.models[0]
+
+    @property
+    def reference(self) -> ModelResult | None:
+        return self.models[1] if len(self.models) > 1 else None
+
+    def to_dict(self) -> dict:
+        return {"kind": "edgeforge.bench", "schema_version": 1, **asdict(self)}
+
+
+# ---- the run ----
+
+def bench(artifact: str | Path, *, reference: str | Path | None = None, settings: BenchSettings = BenchSettings(),
+          progress: Callable[[str], None] | None = None) -> BenchRecord:
+    """Measure ``artifact`` and its fp32 eager reference (``reference``, or the one its manifests name)."""
+    from edgeforge.verify.machine import describe_machine
+
+    say = progress or (lambda message: None)
+    candidate = describe_model(artifact)
+    reference_path = reference if reference is not None else default_reference(candidate)
+    models = [candidate] + ([describe_model(reference_path)] if reference_path is not None else [])
+    if len(models) > 1 and models[1].config.vocab_size != candidate.config.vocab_size:
+        raise ConfigError(f"reference {models[1].path} has vocabulary {models[1].config.vocab_size}, "
+                          f"{candidate.path} has {candidate.config.vocab_size}: not the same model")
+    if len(models) > 1:  # same KV-cache length, so attention costs the same
+        models[1] = replace(models[1], max_seq_len=min(candidate.max_seq_len, models[1].config.max_seq_len))
+    _check_lengths(settings, models)
+    cores = sorted(os.sched_getaffinity(0))
+    threads = settings.threads or len(cores)
+    cores = cores[:threads]
+    caveats = [f"{threads} threads on {len(cores)} CPUs: oversubscribed"] if threads > len(cores) else []
+    caveats += [warning for model in models for warning in model.warnings]
+    rng = random.Random(settings.seed)
+    prompts = [[rng.randrange(candidate.config.vocab_size) for _ in range(n)] for n in settings.prompt_lengths]
+    context = prompts[settings.prompt_lengths.index(min(settings.prompt_lengths))]
+
+    machine = describe_machine(threads=threads).to_dict()
+    if machine["load_average_1m"] > machine["usable_cpus"]:
+        caveats.append(f"load average {machine['load_average_1m']:.1f} on {machine['usable_cpus']} CPUs: other "
+                       "processes compete for them, so timings are noisy (see the IQR) and multi-threaded runs "
+                       "suffer most (a descheduled thread stalls every parallel op)")
+    bandwidth, loads, runs, peaks = _measure(models, settings, threads=threads, cores=cores, prompts=prompts,
+                                             context=context, say=say)
+    if bandwidth.note:
+        caveats.append(f"bandwidth: {bandwidth.note}")
+    results = [_model_result(role, model, load, peak, run, settings, bandwidth)
+               for role, model, load, peak, run in zip(("candidate", "reference"), models, loads, peaks, runs)]
+    if len(results) > 1:
+        for test, ref_test in zip(results[0].tests, results[1].tests):
+            test.speedup = Spread.of([c / r for c, r in zip(test.samples_tok_s, ref_test.samples_tok_s)])
+    else:
+        caveats.append("no reference: the candidate is itself an fp32 eager checkpoint (pass --reference to compare)")
+    return BenchRecord(models=results, settings={**asdict(settings), "threads": threads, "cores": cores,
+                                                 "decode_depth": len(context)},
+                       prompt_token_ids=prompts, bandwidth=bandwidth.to_dict(), machine=machine, caveats=caveats)
+
+
+def _measure(models: list[ModelInfo], settings: BenchSettings, *, threads: int, cores: list[int],
+             prompts: list[list[int]], context: list[int], say: Callable[[str], None]):
+    """Bandwidth, then every model in its own process: load, warm-up and timed rounds (ABBA), peak RSS."""
+    from edgeforge.verify.bench_worker import WorkerProcess
+
+    with ExitStack() as stack:  # every process starts (imports) at once; then each measures alone
+        meter = stack.enter_context(WorkerProcess("the bandwidth test", bandwidth_only=True))
+        workers = [stack.enter_context(WorkerProcess(model.label)) for model in models]
+        for worker in (meter, *workers):
+            worker.call("setup", threads=threads, cores=cores)
+        say(f"measuring memory bandwidth with {threads} thread(s) ...")
+        bandwidth = Bandwidth.from_dict(meter.call(
+            "bandwidth", threads=threads, repetitions=max(settings.repetitions, 3), size_bytes=settings.bandwidth_bytes,
+            probe_bytes=sorted({model.bytes_per_token for model in models})))
+        meter.close()
+        loads = []
+        for worker, model in zip(workers, models):
+            say(f"loading {model.path} ({model.backend}) in its own process ...")
+            loads.append(worker.call("load", path=str(model.path), format=model.format,
+                                     max_seq_len=model.max_seq_len, threads=threads))
+        runs = [[] for _ in models]
+        for round_index in range(settings.warmup + settings.repetitions):
+            timed = round_index >= settings.warmup
+            say(f"{'round' if timed else 'warm-up'} {round_index - settings.warmup + 1 if timed else round_index + 1}"
+                f"/{settings.repetitions if timed else settings.warmup} ...")
+            order = range(len(models)) if round_index % 2 == 0 else reversed(range(len(models)))
+            for index in order:
+                result = workers[index].call("run", prompts=prompts, decode_context=context,
+                                             decode_tokens=settings.decode_tokens)
+                if timed:
+                    runs[index].append(result)
+        peaks = [worker.call("finish")["peak_rss_bytes"] for worker in workers]
+    return bandwidth, loads, runs, peaks
+
+
+def _check_lengths(settings: BenchSettings, models: list[ModelInfo]) -> None:
+    for model in models:
+        longest = max(max(settings.prompt_lengths), min(settings.prompt_lengths) + settings.decode_tokens)
+        if longest > model.max_seq_len:
+            raise ConfigError(f"{model.path} holds {model.max_seq_len} positions; the tests need {longest} "
+                              "(longest prompt, or shortest prompt + decode tokens): lower --prompt-lengths or "
+                              "--decode-tokens")
+
+
+def _model_result(role: str, model: ModelInfo, load: dict, peak_rss: int, runs: list[dict], settings: BenchSettings,
+                  bandwidth: Bandwidth) -> ModelResult:
+    tests = []
+    for index, length in enumerate(settings.prompt_lengths):
+        seconds = [run["prefill_s"][index] for run in runs]
+        tests.append(_test(f"pp{length}", length, 0, seconds, ttft=True))
+    depth = min(settings.prompt_lengths)
+    tests.append(_test(f"tg{settings.decode_tokens}", settings.decode_tokens, depth, [r["decode_s"] for r in runs]))
+    ceiling = bandwidth_ceiling(bytes_per_token=model.bytes_per_token, bandwidth_gb_s=bandwidth.ceiling_gb_s,
+                                decode_tok_s=tests[-1].tok_s.median,
+                                at_size_gb_s=bandwidth.probe_gb_s(model.bytes_per_token))
+    return ModelResult(role=role, label=model.label, path=str(model.path), format=model.format, backend=model.backend,
+                       scheme=model.scheme, size_bytes=model.size_bytes, parameters=model.parameters,
+                       max_seq_len=model.max_seq_len, import_s=load["import_s"], load_s=load["load_s"],
+                       rss_after_import_bytes=load["rss_after_import_bytes"],
+                       rss_after_load_bytes=load["rss_after_load_bytes"], peak_rss_bytes=peak_rss,
+                       threads_note=load["threads_note"], tests=tests, ceiling=ceiling, bytes_basis=model.bytes_basis)
+
+
+def _test(name: str, tokens: int, depth: int, seconds: list[float], *, ttft: bool = False) -> TestResult:
+    rates = [tokens / s for s in seconds]
+    return TestResult(name=name, tokens=tokens, depth=depth, samples_s=seconds, samples_tok_s=rates,
+                      tok_s=Spread.of(rates), ttft_ms=Spread.of([s * 1e3 for s in seconds]) if ttft else None)
+
+
+# ---- the printer ----
+
+def format_bench(record: BenchRecord) -> str:
+    """A llama-bench-style table, then TTFT, load, memory, bandwidth ceiling, machine and what was timed."""
+    settings = record.settings
+    header = ("model", "size", "params", "backend", "threads", "test", "t/s median ± IQR", "σ", "n", "vs ref ± IQR")
+    rows = []
+    for model in record.models:
+        for test in model.tests:
+            speedup = ("1.00 (ref)" if model.role == "reference" else
+                       f"{test.speedup.median:.2f}x ± {test.speedup.iqr:.2f}" if test.speedup else "-")
+            rows.append((model.label, _mib(model.size_bytes), _count(model.parameters), model.backend,
+                         str(settings["threads"]), test.name + (f" @ d{test.depth}" if test.depth else ""),
+                         f"{test.tok_s.median:.1f} ± {test.tok_s.iqr:.1f}", f"{test.tok_s.stddev:.1f}",
+                         str(test.tok_s.n), speedup))
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(header, widths)) + " |",
+             "| " + " | ".join("-" * w for w in widths) + " |"]
+    lines += ["| " + " | ".join(cell.ljust(w) if i < 6 else cell.rjust(w) for i, (cell, w) in
+                                enumerate(zip(row, widths))) + " |" for row in rows]
+    lines.append("")
+    for model in record.models:
+        ttft = ", ".join(f"{t.name} {t.ttft_ms.median:.2f} ± {t.ttft_ms.iqr:.2f} ms" for t in model.tests if t.ttft_ms)
+        ceiling = model.ceiling
+        reached = (f"reached {ceiling.share:.2%}" if ceiling.valid else "reached: INVALID")
+        lines += [f"{model.role} {model.label} ({model.path})",
+                  f"  TTFT     {ttft} (median ± IQR, n={model.tests[0].tok_s.n})",
+                  f"  load     {model.load_s:.3f} s (n=1; runtime imports {model.import_s:.2f} s, not included)",
+                  f"  peak RSS {_mib(model.peak_rss_bytes)} (the process after imports "
+                  f"{_mib(model.rss_after_import_bytes)}, after load {_mib(model.rss_after_load_bytes)})",
+                  f"  ceiling  decode reads {ceiling.bytes_per_token / 1e6:.3f} MB/token; measured bandwidth "
+                  f"{ceiling.bandwidth_gb_s:.1f} GB/s -> ceiling {ceiling.ceiling_tok_s:,.0f} tok/s; {reached}"
+                  f" ({ceiling.decode_tok_s:.1f} tok/s median)"]
+        if ceiling.note:
+            lines.append(f"           {ceiling.note}")
+        lines.append(f"           bytes: {model.bytes_basis}")
+    notes = {model.threads_note: model.role for model in record.models}
+    threads = "; ".join(f"{role}: {note}" for note, role in notes.items()) if len(notes) > 1 else next(iter(notes))
+    lines += ["", _bandwidth_line(record.bandwidth), _machine_line(record.machine), f"threads: {threads}",
+              f"timed: {record.timed}"]
+    lines += [f"caveat: {caveat}" for caveat in record.caveats]
+    return "\n".join(lines)
+
+
+def _bandwidth_line(bandwidth: dict) -> str:
+    read, copy = Spread.of(bandwidth["read_samples_gb_s"]), Spread.of(bandwidth["copy_samples_gb_s"])
+    llc = bandwidth["llc_bytes"]
+    cache = f" = {bandwidth['working_set_bytes'] / llc:.1f}x the {llc / 2**20:.0f} MiB LLC" if llc else ""
+    return (f"bandwidth: read {read.median:.2f} ± {read.iqr:.2f} GB/s, copy {copy.median:.2f} ± {copy.iqr:.2f} GB/s "
+            f"(median ± IQR, n={read.n}, {bandwidth['threads']} thread(s), working set "
+            f"{bandwidth['working_set_bytes'] / 2**20:.0f} MiB{cache}); ceilings use the best read run, "
+            f"{bandwidth['ceiling_gb_s']:.2f} GB/s" + (f"; reads of each model's bytes per token, 1 thread, best of "
+                                                    f"{len(bandwidth['probes'][0]['read_samples_gb_s'])}: " + ", ".join(
+                f"{p['bytes'] / 1e6:.2f} MB {max(p['read_samples_gb_s']):.1f} GB/s" for p in bandwidth["probes"])
+                if bandwidth["probes"] else ""))
+
+
+def _machine_line(machine: dict) -> str:
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items() if version)
+    frequency = (f"{machine['governor'] or '?'} {machine['cur_freq_khz'] / 1e6:.2f} GHz" if machine["cur_freq_khz"]
+                 else "cpufreq not readable")
+    memory = f"{machine['memory_total_bytes'] / 2**30:.1f} GiB" if machine["memory_total_bytes"] else "memory ?"
+    return (f"machine: {machine['cpu_model']}, {machine['usable_cpus']}/{machine['logical_cpus']} CPUs usable, "
+            f"{frequency}, {memory}, {machine['os']}, python {machine['python']}, {versions}, "
+            f"edgeforge {machine['edgeforge']} ({(machine['git_commit'] or 'no git')[:10]}), "
+            f"load average {machine['load_average_1m']:.1f}, {machine['timestamp']}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"
+
+
+def _count(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return str(count)
