@@ -53,7 +53,7 @@ def _positive_numbers(value, where="record"):
 def test_bench_quantized_checkpoint_against_fp32_reference(record, quantized_dir):
     candidate, reference = record.candidate, record.reference
     assert candidate.scheme == "8da4w" and candidate.path == str(quantized_dir)
-    assert reference.scheme == "fp32" and reference.path == str(DEFAULT_CHECKPOINT), "reference traced from the manifest"
+    assert reference.scheme == "fp32" and reference.path == str(DEFAULT_CHECKPOINT), "reference from the manifest"
     assert [t.name for t in candidate.tests] == ["pp4", "pp8", "tg4"] == [t.name for t in reference.tests]
     for model in record.models:
         assert model.load_s > 0 and model.peak_rss_bytes >= model.rss_after_load_bytes > 0
@@ -111,9 +111,9 @@ def test_bytes_per_token_counts_one_row_of_an_untied_embedding():
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path):
-    result = CliRunner().invoke(main, ["bench", str(DEFAULT_CHECKPOINT), "--prompt-lengths", "4", "--decode-tokens", "2",
-                                       "-r", "1", "--warmup", "0", "-t", "1", "--bandwidth-mib", "32",
-                                       "--json", str(tmp_path / "bench.json")], catch_exceptions=False)
+    args = ["bench", str(DEFAULT_CHECKPOINT), "--prompt-lengths", "4", "--decode-tokens", "2", "-r", "1",
+            "--warmup", "0", "-t", "1", "--bandwidth-mib", "32", "--json", str(tmp_path / "bench.json")]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("| model") and "t/s median ± IQR" in lines[0]

@@ -290,7 +290,9 @@ def test_pte_artifact_is_verified_in_executorch(texts, tmp_path):
     quantized = tmp_path / "8da4w"
     quantize_checkpoint(checkpoint, replace(load_recipe("int4-gptq"), algorithm="rtn"), calibration=calibration,
                         output_dir=quantized)
-    artifact = export(quantized, "host", tmp_path / "pte", max_seq_len=128)
+    # check=False: the guard's top-1 >= 0.97 over 96 positions trips on near-ties of this RTN model (0.958 at
+    # min cosine 0.9999); verify below is the check under test.
+    artifact = export(quantized, "host", tmp_path / "pte", max_seq_len=128, check=False)
     eager = verify(quantized, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
     report = verify(artifact.path, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
     assert report.artifact["format"] == "pte" and report.reference_cache["hit"]

@@ -38,6 +38,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return self._entries[name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.stored(name).float()
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The tensor in the dtype the file holds (e.g. bf16: half the memory of the float32 view)."""
         entry = self._entries[name]
         try:
             tensor = entry.load()
@@ -47,7 +51,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             raise InputError(f"cannot read tensor {name}: {exc}", path=self.source) from exc
         if tuple(tensor.shape) != entry.shape:
             raise InputError(f"tensor {name} has {tuple(tensor.shape)} values, header says {entry.shape}", path=self.source)
-        return tensor.float()
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

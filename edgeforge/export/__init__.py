@@ -28,6 +28,7 @@ __all__ = ["Artifact", "ExportSource", "Target", "export", "list_targets", "load
            "open_source"]
 
 SIZE_WARNING_RATIO = 1.25  # artifact bigger than this times what its scheme implies: layers left in fp32?
+SIZE_WARNING_BYTES = 1 << 20  # ...and by more than this: graph structure and RoPE tables are not layers
 
 
 def export(source_path: str | Path, target: str | Target, output_dir: str | Path, *, format: str | None = None,
@@ -57,6 +58,8 @@ def export(source_path: str | Path, target: str | Target, output_dir: str | Path
         report = exporter.export(source, target, tmp, max_seq_len=max_seq_len)
         for file in source.tokenizer_files:
             shutil.copyfile(file, tmp / file.name)
+        if (source.path / "calibration.json").is_file():  # verify's overlap check reads it from the artifact
+            shutil.copyfile(source.path / "calibration.json", tmp / "calibration.json")
         manifest = _manifest(source, target, report, max_seq_len)
         if check and target.runs_here:
             say("checking the artifact against the eager model ...")
@@ -118,7 +121,7 @@ def _size_report(model_file: Path, source: ExportSource) -> dict:
             expected += tensor.numel() * 4
     report = {"size_bytes": size, "parameters": parameters, "bytes_per_parameter": round(size / parameters, 4),
               "expected_size_bytes": int(expected), "size_ratio_to_expected": round(size / expected, 3)}
-    if size > SIZE_WARNING_RATIO * expected:
+    if size > SIZE_WARNING_RATIO * expected and size - expected > SIZE_WARNING_BYTES:
         report["size_warning"] = (f"artifact is {size / expected:.2f}x the size its scheme {source.scheme} implies: "
                                   "some layers may have been left in fp32")
     return report

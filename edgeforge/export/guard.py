@@ -14,8 +14,10 @@ import torch
 from edgeforge.errors import GateFailed
 
 # Minimum cosine between artifact and eager logits at any position, and top-1 agreement, per scheme.
-# fp32 differs only by kernel summation order; dynamic int8 activations can flip a rounding step.
-TOLERANCE = {"fp32": (0.99999, 1.0), "default": (0.999, 0.97)}
+# fp32 differs only by kernel summation order. With int8 activations a last-bit difference in a fused
+# kernel can push a value across a rounding boundary; the flipped key/value then stays in the KV cache,
+# so near-tied top tokens flip at a few positions. A miscompile is far outside both (cosine ~0.004).
+TOLERANCE = {"fp32": (0.99999, 1.0), "default": (0.999, 0.90)}
 SUGGESTION = {"8w": "8da8w (recipe int8-dynamic) or 8da4w (recipe int4-gptq)"}
 
 

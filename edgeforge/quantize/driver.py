@@ -184,8 +184,8 @@ class _BlockQuantizer:
         self.cos, self.sin = rope_tables(self.config, seq_len)
 
     def run(self, say: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-        embedding = self.checkpoint.tensors["tok_embeddings.weight"]
-        hidden = [F.embedding(batch, embedding) for batch in self.batches]
+        embedding = self.checkpoint.tensors.stored("tok_embeddings.weight")  # 128k rows: stay bf16, chunk to fp32
+        hidden = [F.embedding(batch, embedding).float() for batch in self.batches]
         self._quantize_embedding(embedding)
         del embedding
         total = self.config.n_layers
@@ -215,9 +215,9 @@ class _BlockQuantizer:
     def _quantize_embedding(self, embedding: torch.Tensor) -> None:
         plan = self.plans.get("tok_embeddings")
         if plan is None:
-            self.out["tok_embeddings.weight"] = embedding.clone()
+            self.out["tok_embeddings.weight"] = embedding.float()
             return
-        weight = _concat([rtn_quantize(rows, plan.scheme) for rows in embedding.split(ROW_CHUNK)])  # no Hessian
+        weight = _concat([rtn_quantize(rows.float(), plan.scheme) for rows in embedding.split(ROW_CHUNK)])
         self.out.update(layer_tensors("tok_embeddings", weight, plan.scheme))
         stats = self._layer_stats("tok_embeddings", plan.scheme, embedding, weight, None)
         self.stats["tok_embeddings"] = {**stats, "activations": "none", "algorithm": "rtn"}
@@ -277,7 +277,7 @@ class _BlockQuantizer:
         active = {name: m for name, m in modules.items() if plans[name].scheme is not None}
         if not active:
             for name, module in modules.items():
-                self.out[f"{name}.weight"] = module.weight.detach().clone()
+                self.out[f"{name}.weight"] = module.weight.detach().float().clone()
             return
         needs_hessian = self.algorithm in CLIPPING
         width = next(iter(modules.values())).in_features
@@ -292,13 +292,14 @@ class _BlockQuantizer:
         probe = torch.cat(probe)[:PROBE_ROWS] if probe else None
         input_qparams = static_activation_qparams(low, high) \
             if self.activations is ActivationScheme.STATIC_INT8 else None
-        h = hessian.hessian() if hessian is not None else None
+        h = hessian.hessian().float() if hessian is not None else None
+        del hessian  # its float64 running sum is twice the size of h
         for name, module in modules.items():
             scheme = plans[name].scheme
             if scheme is None:
-                self.out[f"{name}.weight"] = module.weight.detach().clone()
+                self.out[f"{name}.weight"] = module.weight.detach().float().clone()
                 continue
-            weight = module.weight.detach().float()
+            weight = module.weight.detach()  # the output head stays in its stored dtype; chunks go to fp32
             quantized = self._round(weight, scheme, h)
             self.out.update(layer_tensors(name, quantized, scheme, input_qparams))
             self.stats[name] = self._layer_stats(name, scheme, weight, quantized, probe)
@@ -311,6 +312,7 @@ class _BlockQuantizer:
         return _concat([self._round_rows(rows, scheme, hessian) for rows in weight.split(ROW_CHUNK)])
 
     def _round_rows(self, rows: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None) -> QuantizedWeight:
+        rows = rows.float()
         clip = None
         if self.algorithm in CLIPPING and scheme.bits == 4:
             moment = hessian.diagonal().float() if hessian is not None else None
@@ -332,13 +334,14 @@ class _BlockQuantizer:
             rows = slice(start, start + ROW_CHUNK)
             zero = None if quantized.zero_point is None else quantized.zero_point[rows]
             dequantized = dequantize(quantized.qdata[rows], quantized.scale[rows], zero)
-            sums["weight"] += weight[rows].pow(2).sum().item()
-            sums["weight_error"] += (weight[rows] - dequantized).pow(2).sum().item()
+            original = weight[rows].float()
+            sums["weight"] += original.pow(2).sum().item()
+            sums["weight_error"] += (original - dequantized).pow(2).sum().item()
             if x_q is not None:
-                reference = probe @ weight[rows].T
+                reference = probe @ original.T
                 sums["output"] += reference.pow(2).sum().item()
                 sums["output_error"] += (reference - x_q @ dequantized.T).pow(2).sum().item()
-                rtn = dequantize(*rtn_quantize(weight[rows], scheme))
+                rtn = dequantize(*rtn_quantize(original, scheme))
                 sums["rtn_error"] += (reference - x_q @ rtn.T).pow(2).sum().item()
         record = {"scheme": scheme.to_dict(), "activations": self.activations.value, "algorithm": self.algorithm,
                   "weight_sqnr_db": _db(sums["weight"], sums["weight_error"])}
@@ -357,12 +360,12 @@ class _BlockQuantizer:
         final_norm.weight = torch.nn.Parameter(tensors["norm.weight"], requires_grad=False)
         head = torch.nn.Linear(self.config.dim, self.config.vocab_size, bias=False)
         head_name = "output.weight" if "output.weight" in tensors else "tok_embeddings.weight"
-        head.weight = torch.nn.Parameter(tensors[head_name], requires_grad=False)
+        head.weight = torch.nn.Parameter(tensors.stored(head_name), requires_grad=False)
         plan = self.plans["output"]
         if self.algorithm in ("awq", "awq+gptq") and plan.scheme is not None and hidden:
             rows = _probe_rows(final_norm(x) for x in hidden)
             scales = awq_search_scales([head.weight], rows, plan.scheme, grid=self.recipe.awq.grid)
-            new_norm, (new_head,) = fold_scales_into_norm(final_norm.weight, [head.weight], scales)
+            new_norm, (new_head,) = fold_scales_into_norm(final_norm.weight, [head.weight.float()], scales)
             final_norm.weight = torch.nn.Parameter(new_norm, requires_grad=False)
             head.weight = torch.nn.Parameter(new_head, requires_grad=False)
         self._quantize_group({"output": head}, lambda: (final_norm(x) for x in hidden))
