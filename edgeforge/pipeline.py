@@ -26,6 +26,7 @@ from edgeforge.fileio import read_json, write_json_atomic
 
 STATE_FILE = "forge-state.json"
 BUNDLED_TEXT = Path(__file__).resolve().parent / "data" / "tinystories"
+BUNDLED_CALIBRATION = {"samples": 64, "seq_len": 256}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ForgeSettings:
     eval_seq_len: int = 256
     eval_windows: int = 32
     repetitions: int = 5
+    bandwidth_bytes: int | None = None
 
 
 @dataclass
@@ -114,9 +116,11 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
     stages = _Stages(output_dir, say)
     checkpoint = open_checkpoint(settings.checkpoint or DEFAULT_CHECKPOINT)
     recipe = load_recipe(settings.recipe)
-    recipe = replace(recipe, calibration=replace(recipe.calibration, **{
-        k: v for k, v in {"samples": settings.samples, "seq_len": settings.seq_len, "seed": settings.seed}.items()
-        if v is not None}))
+    overrides = {"samples": settings.samples, "seq_len": settings.seq_len, "seed": settings.seed}
+    if settings.calib is None:  # the bundled sample holds ~55k tokens: fewer samples than most recipes ask
+        overrides = {**BUNDLED_CALIBRATION, **{k: v for k, v in overrides.items() if v is not None}}
+    recipe = replace(recipe, calibration=replace(recipe.calibration,
+                                                 **{k: v for k, v in overrides.items() if v is not None}))
     target = load_target(settings.target)
     calib = Path(settings.calib) if settings.calib else BUNDLED_TEXT / "calibration.txt"
     data = Path(settings.data) if settings.data else BUNDLED_TEXT / "evaluation.txt"
@@ -142,7 +146,8 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
 
     bench_path = output_dir / "bench.json"
     bench_record = stages.run(
-        "bench", _key(artifact=artifact_sha, reference=source_sha, repetitions=settings.repetitions), bench_path,
+        "bench", _key(artifact=artifact_sha, reference=source_sha, repetitions=settings.repetitions,
+                      bandwidth_bytes=settings.bandwidth_bytes), bench_path,
         lambda: _bench(artifact_dir, checkpoint.path, settings, bench_path))
 
     from edgeforge.report import build_report, write_html
@@ -195,6 +200,7 @@ def _verify(artifact_dir: Path, reference: Path, data: Path, settings: ForgeSett
 def _bench(artifact_dir: Path, reference: Path, settings: ForgeSettings, output: Path) -> dict:
     from edgeforge.verify.bench import BenchSettings, bench
 
-    record = bench(artifact_dir, reference=reference, settings=BenchSettings(repetitions=settings.repetitions)).to_dict()
+    options = BenchSettings(repetitions=settings.repetitions, bandwidth_bytes=settings.bandwidth_bytes)
+    record = bench(artifact_dir, reference=reference, settings=options).to_dict()
     write_json_atomic(output, record)
     return record

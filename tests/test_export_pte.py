@@ -5,11 +5,14 @@ Tolerances (decoders: logits over a prefill then single-token decode steps throu
 - fp32 and 8da8w: max |logit difference| <= 1e-4 against the eager model, top-1 identical everywhere
   (measured 1e-5: float summation order; XNNPACK's per-token int8 activation rounding is the eager
   model's), and the LLM runner's greedy text is the eager model's.
-- 8da4w: XNNPACK keeps group-wise scales in bf16. Against the eager model with its group scales rounded
-  to bf16 the logits agree to 1e-4 (measured 1e-5), so the integers are ours; against the eager model as
-  quantized, cosine >= 0.999 and top-1 >= 0.90 (measured 0.9999 and 0.94), the guard's recorded
-  tolerance. The runner's greedy tokens are the .pte's own (DecoderSession) greedy tokens, and each
-  is the eager model's argmax after the same prefix or within 0.5 logit of it (a near-tie).
+- 8da4w: XNNPACK keeps group-wise scales in bf16. The integers and scales XNNPACK receives are the
+  checkpoint's, bit for bit; with its group scales rounded to bf16 the eager model matches each lowered
+  linear to 1e-5 of its scale and (tiny model) the .pte's logits to 1e-4; end to end on stories260K a
+  rounding flip now and then cascades through the KV cache, so against the eager model as quantized:
+  cosine >= 0.999 and top-1 >= 0.90, the guard's recorded tolerance (measured 0.9994-0.9998 and
+  0.98-0.99 on story text, 0.9999 and 0.94 on the guard's random tokens). The runner's greedy tokens
+  are the .pte's own (DecoderSession) greedy tokens, and each is the eager model's argmax after the
+  same prefix or within 0.5 logit of it (a near-tie).
 - encoders: fp32 cosine >= 0.999 against the eager fp32 model (measured 1 - 1e-12). int8 (8da8w):
   cosine >= 0.995 against the eager int8 model (measured 0.9991: see executorch.guard_tolerance), and
   no further from the fp32 reference than the eager int8 model is (within 0.001).

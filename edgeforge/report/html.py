@@ -103,7 +103,14 @@ def _quantize_section(quantize: dict | None) -> str:
             for name, l in layers.items()]
     plot = ""
     measured = [(name, l["rel_error"], l["rel_error_rtn"]) for name, l in layers.items() if "rel_error" in l]
-    if measured:
+    if not measured:  # data-free recipe: no calibration inputs, so the weight SQNR per layer
+        figure, axis = _figure(10, max(2.5, 0.18 * len(layers)))
+        axis.barh(range(len(layers)), [l["weight_sqnr_db"] for l in layers.values()], color="#1f6feb")
+        axis.set_yticks(range(len(layers)), list(layers), fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlabel("weight SQNR (dB), higher is better")
+        plot = _png(figure)
+    else:
         figure, axis = _figure(10, max(2.5, 0.18 * len(measured)))
         positions = range(len(measured))
         axis.barh([p + 0.2 for p in positions], [m[2] for m in measured], height=0.4, label="round-to-nearest",

@@ -1,0 +1,67 @@
+"""Export commands: export, targets."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from edgeforge.cli import _emit_json, _progress, main
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=str))
+@click.option("--target", "-t", required=True, help="Target profile name (see `edgeforge targets`) or a target TOML path.")
+@click.option("--format", "format_", type=click.Choice(["pte", "onnx"]), help="Artifact format (must match the target's).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Artifact directory to write.")
+@click.option("--max-seq-len", type=click.IntRange(1), help="KV-cache length of the exported decoder (default: min(context, 2048)).")
+@click.option("--json", "json_path", metavar="FILE", help="Write the export report as JSON to FILE ('-' for stdout).")
+def export(model, target, format_, output, max_seq_len, json_path) -> None:
+    """Export a checkpoint (fp32) or an edgeforge quantized checkpoint for a target, and check it against eager.
+
+    Example: edgeforge export llama-int4 --target android-arm64-xnnpack -o llama-int4.pte.d
+    """
+    from edgeforge.checkpoints import DEFAULT_CHECKPOINT
+    from edgeforge.export import export as run_export
+
+    artifact = run_export(model or DEFAULT_CHECKPOINT, target, output, format=format_, max_seq_len=max_seq_len,
+                          progress=_progress)
+    manifest = artifact.manifest
+    report = manifest["report"]
+    click.echo(format_export_summary(artifact.path, manifest))
+    if "size_warning" in report:
+        click.echo(f"edgeforge: warning: {report['size_warning']}", err=True)
+    _emit_json({"artifact": str(artifact.path), **manifest}, json_path)
+
+
+def format_export_summary(path, manifest: dict) -> str:
+    """The export report as aligned lines."""
+    report, guard = manifest["report"], manifest["guard"]
+    rows = [("artifact", f"{path / report['model_file']} ({manifest['format']}, {manifest['target']['name']}, "
+                         f"{manifest['scheme']})"),
+            ("size", f"{report['size_bytes']:,} bytes, {report['bytes_per_parameter']:.3f} bytes/parameter "
+                     f"({report['size_ratio_to_expected']:.2f}x what {manifest['scheme']} implies)")]
+    if "delegated_ops" in report:
+        outside = ", ".join(f"{op} x{n}" for op, n in report.get("ops_outside_delegate", {}).items()) or "none"
+        rows.append(("delegated", f"{report['delegated_ops']}/{report['total_ops']} ops, "
+                                  f"{report.get('delegated_parameter_share', 0):.1%} of parameters; outside: {outside}"))
+    rows.append(("guard", "not run: the target does not execute on this machine" if guard is None else
+                 f"passed: min cosine {guard['min_cosine']:.5f}, top-1 {guard['top1_agreement']:.3f} over "
+                 f"{guard['positions']} positions"))
+    rows.append(("export", f"{report['export_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"))
+    return "\n".join(f"{key:<10} {value}" for key, value in rows)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the targets as JSON.")
+def targets(as_json: bool) -> None:
+    """List the bundled device/backend target profiles."""
+    from edgeforge.export.targets import list_targets, load_target
+
+    loaded = [load_target(path) for path in list_targets().values()]
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in loaded], indent=2))
+        return
+    for target in loaded:
+        click.echo(f"{target.name:<22} {target.format:<5} {target.backend:<8} {','.join(target.schemes):<30} "
+                   f"{target.description}")

@@ -1,0 +1,62 @@
+"""The one-command pipeline: forge."""
+
+from __future__ import annotations
+
+import click
+
+from edgeforge.cli import main, _checkpoint_argument, _progress
+
+
+@main.command()
+@_checkpoint_argument()
+@click.option("--recipe", "-r", default="int4-gptq", show_default=True, help="Recipe name or TOML path.")
+@click.option("--target", "-t", default="host", show_default=True, help="Target profile name or TOML path.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Forge directory (reruns resume in it).")
+@click.option("--calib", type=click.Path(path_type=str), help="Calibration text (default: bundled TinyStories sample).")
+@click.option("--data", type=click.Path(path_type=str), help="Evaluation text (default: bundled TinyStories sample, disjoint).")
+@click.option("--samples", type=click.IntRange(1), help="Calibration samples (default: the recipe's).")
+@click.option("--seq-len", type=click.IntRange(2), help="Tokens per calibration sample (default: the recipe's).")
+@click.option("--max-seq-len", type=click.IntRange(1), help="KV-cache length of the exported decoder.")
+@click.option("--eval-windows", default=32, show_default=True, type=click.IntRange(1), help="Evaluation windows for verify.")
+@click.option("--eval-seq-len", default=256, show_default=True, type=click.IntRange(2), help="Tokens per evaluation window.")
+@click.option("--repetitions", default=5, show_default=True, type=click.IntRange(1), help="Timed repetitions in bench.")
+def forge(checkpoint, recipe, target, output, calib, data, samples, seq_len, max_seq_len, eval_windows, eval_seq_len,
+          repetitions) -> None:
+    """Quantize -> export -> verify -> bench -> report in one command; unchanged stages are reused on a rerun.
+
+    Example: edgeforge forge --recipe int4-gptq --target host -o forge-out
+    """
+    from edgeforge.pipeline import ForgeSettings, forge as run_forge
+
+    settings = ForgeSettings(recipe=recipe, target=target, checkpoint=checkpoint, calib=calib, data=data,
+                             samples=samples, seq_len=seq_len, max_seq_len=max_seq_len, eval_seq_len=eval_seq_len,
+                             eval_windows=eval_windows, repetitions=repetitions)
+    result = run_forge(settings, output, progress=_progress)
+    click.echo(format_forge_summary(result))
+    verify = result.report["verify"] or {}
+    if verify.get("verdict") == "fail":
+        from edgeforge.errors import GateFailed
+
+        raise GateFailed(verify.get("verdict_line", "a gate failed"))
+
+
+def format_forge_summary(result) -> str:
+    """The headline figures of a forge run."""
+    report = result.report
+    export, verify, bench = report["export"], report["verify"] or {}, report["bench"] or {}
+    lines = [f"artifact  {export['artifact']} ({export['format']}, {export['scheme']}, "
+             f"{export['report']['size_bytes']:,} bytes)"]
+    drift = verify.get("drift")
+    if drift:
+        lines.append(f"drift     ppl {drift['ppl_ref']:.3f} -> {drift['ppl_test']:.3f} (x{drift['ppl_ratio']:.4f}), "
+                     f"KLD {drift['kld_mean_nats']:.5f} ± {drift['kld_mean_nats_sem']:.5f}, "
+                     f"same top token {drift['top1_agreement']:.2%}")
+    for model in bench.get("models", []):
+        decode = [t for t in model["tests"] if t["name"].startswith("tg")]
+        if decode:
+            lines.append(f"decode    {model['role']:<9} {decode[0]['tok_s']['median']:.1f} tok/s "
+                         f"(median ± IQR {decode[0]['tok_s']['iqr']:.1f}, n={decode[0]['tok_s']['n']})")
+    lines.append(f"verdict   {verify.get('verdict_line', 'not run')}")
+    lines.append(f"report    {result.output_dir / 'report.html'}"
+                 + (f" (reused: {', '.join(result.reused)})" if result.reused else ""))
+    return "\n".join(lines)

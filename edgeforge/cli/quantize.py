@@ -1,0 +1,92 @@
+"""Quantization commands: quantize, recipes."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from edgeforge.cli import main, _checkpoint_argument, _open, _progress, _emit_json
+
+
+@main.command()
+@_checkpoint_argument()
+@click.option("--recipe", "-r", required=True, help="Recipe name (see `edgeforge recipes`) or path to a recipe TOML.")
+@click.option("--calib", type=click.Path(path_type=str),
+              help="Calibration text: a .txt file (blank-line separated), a .jsonl with a 'text' field, or a folder of .txt.")
+@click.option("--samples", type=click.IntRange(1), help="Calibration samples (default: the recipe's).")
+@click.option("--seq-len", type=click.IntRange(2), help="Tokens per calibration sample (default: the recipe's).")
+@click.option("--seed", type=int, help="Seed for drawing calibration samples (default: the recipe's).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Quantized checkpoint directory to write.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the manifest and timing as JSON to FILE ('-' for stdout).")
+def quantize(checkpoint, recipe, calib, samples, seq_len, seed, output, json_path) -> None:
+    """Quantize a checkpoint with a recipe and calibration text, block by block.
+
+    Example: edgeforge quantize ./Llama-3.2-1B --recipe int4-gptq --calib wiki.txt -o llama-int4
+    """
+    from dataclasses import replace
+
+    from edgeforge.quantize import load_recipe, quantize_checkpoint
+    from edgeforge.quantize.calibration import build_calibration
+
+    ckpt = _open(checkpoint)
+    chosen = load_recipe(recipe)
+    settings = replace(chosen.calibration, **{k: v for k, v in
+                                              {"samples": samples, "seq_len": seq_len, "seed": seed}.items()
+                                              if v is not None})
+    chosen = replace(chosen, calibration=settings)
+    calibration = None
+    if calib:
+        if ckpt.tokenizer is None:
+            from edgeforge.errors import InputError
+
+            raise InputError("missing tokenizer: calibration text cannot be tokenized", path=ckpt.path)
+        if settings.seq_len > getattr(ckpt.config, "max_seq_len", settings.seq_len):
+            from edgeforge.errors import ConfigError
+
+            raise ConfigError(f"--seq-len {settings.seq_len} exceeds the model's context {ckpt.config.max_seq_len}")
+        calibration = build_calibration(calib, ckpt.tokenizer, samples=settings.samples, seq_len=settings.seq_len,
+                                        seed=settings.seed)
+    result = quantize_checkpoint(ckpt, chosen, calibration=calibration, output_dir=output, progress=_progress)
+    click.echo(format_quantize_summary(result))
+    _emit_json({"output_dir": str(result.output_dir), "seconds": round(result.seconds, 3), **result.manifest},
+               json_path)
+
+
+def format_quantize_summary(result) -> str:
+    """Per-layer sensitivity table plus totals."""
+    manifest = result.manifest
+    rows = [f"{'layer':<28} {'scheme':<14} {'rel.err':>8} {'rtn':>8} {'sqnr dB':>8}"]
+    for name, layer in manifest["layers"].items():
+        scheme = layer["scheme"]
+        label = f"int{scheme['bits']} " + (f"g{scheme['group_size']}" if scheme["group_size"] else "per-ch")
+        if not scheme["symmetric"]:
+            label += " asym"
+        err, rtn = layer.get("rel_error"), layer.get("rel_error_rtn")
+        sqnr = layer.get("output_sqnr_db", layer.get("weight_sqnr_db"))
+        rows.append(f"{name:<28} {label:<14} {_num(err):>8} {_num(rtn):>8} {_num(sqnr, '.1f'):>8}")
+    recipe = manifest["recipe"]
+    rows.append(f"recipe {recipe['name']} ({recipe['algorithm']}, activations {recipe['activations']}), "
+                f"{len(manifest['fallbacks'])} fallback(s), {result.seconds:.1f} s -> {result.output_dir}")
+    return "\n".join(rows)
+
+
+def _num(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the recipes as JSON.")
+def recipes(as_json: bool) -> None:
+    """List the bundled quantization recipes."""
+    from edgeforge.quantize import list_recipes, load_recipe
+
+    loaded = [load_recipe(path) for path in list_recipes().values()]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in loaded], indent=2))
+        return
+    for recipe in loaded:
+        weights = recipe.weights
+        scheme = f"w{weights.bits}" + (f" g{weights.group_size}" if weights.group_size else " per-ch")
+        click.echo(f"{recipe.name:<16} {recipe.algorithm:<12} {scheme:<10} act {recipe.activations.value:<13} "
+                   f"{recipe.description}")

@@ -1,0 +1,72 @@
+"""Measurement commands: verify (drift), bench (latency)."""
+
+from __future__ import annotations
+
+import click
+
+from edgeforge.cli import main, _progress, _emit_json
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--reference", required=True, type=click.Path(path_type=str), help="The full-precision checkpoint to compare with.")
+@click.option("--data", required=True, type=click.Path(path_type=str),
+              help="Evaluation text: a .txt file (blank-line separated), a .jsonl with a 'text' field, or a folder of .txt.")
+@click.option("--seq-len", type=click.IntRange(2), help="Tokens per window (encoders: per sentence); default min(512, context).")
+@click.option("--windows", type=click.IntRange(1), help="Windows to evaluate (decoders; default 32).")
+@click.option("--sentences", type=click.IntRange(3), help="Sentences to embed (encoders; default 256).")
+@click.option("--top-k", type=click.IntRange(1), help="Reference log-probs cached per token (decoders; default 128).")
+@click.option("--cache-dir", type=click.Path(path_type=str), help="Reference cache folder (default $EDGEFORGE_CACHE/reference or ~/.cache/edgeforge/reference).")
+@click.option("--no-cache", is_flag=True, help="Compute the reference without reading or writing the cache.")
+@click.option("--max-kld", type=float, help="Gate: mean KLD (nats/token) at most this (default: the recipe's).")
+@click.option("--min-top1", type=float, help="Gate: top-1 agreement at least this, 0..1 (default: the recipe's).")
+@click.option("--max-ppl-ratio", type=float, help="Gate: PPL(model)/PPL(reference) at most this (default: the recipe's).")
+@click.option("--min-cosine", type=float, help="Gate: mean embedding cosine at least this (default: the recipe's).")
+@click.option("--allow-overlap", is_flag=True, help="Measure even when the text overlaps the calibration text.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the record as JSON to FILE ('-' for stdout only).")
+def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_dir, no_cache, max_kld, min_top1,
+           max_ppl_ratio, min_cosine, allow_overlap, json_path) -> None:
+    """Run an artifact (or a checkpoint) and measure its drift from the fp32 reference; gate on it.
+
+    Example: edgeforge verify llama-int4.pte.d --reference ./Llama-3.2-1B --data wiki.test.raw --max-kld 0.05
+    """
+    from edgeforge.verify.report import format_verify_report
+    from edgeforge.verify.verify import VerifyOptions, verify as run_verify
+
+    given = {"seq_len": seq_len, "windows": windows, "sentences": sentences, "top_k": top_k, "cache_dir": cache_dir,
+             "max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio, "min_cosine": min_cosine}
+    options = VerifyOptions(use_cache=not no_cache, allow_overlap=allow_overlap,
+                            **{k: v for k, v in given.items() if v is not None})
+    report = run_verify(artifact, reference, data, options, progress=_progress)
+    if json_path != "-":
+        click.echo(format_verify_report(report))
+    _emit_json(report.to_record(), json_path)
+    report.raise_for_gates()
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--reference", type=click.Path(path_type=str),
+              help="fp32 checkpoint run eager beside it (default: the one the artifact's manifests name).")
+@click.option("--prompt-lengths", metavar="N,N,...", help="Prefill tests, comma-separated token counts (default 16,64,256).")
+@click.option("--decode-tokens", type=click.IntRange(1), help="Tokens per decode test (default 32).")
+@click.option("--repetitions", "-r", type=click.IntRange(1), help="Timed rounds (default 5).")
+@click.option("--warmup", type=click.IntRange(0), help="Untimed rounds first (default 1).")
+@click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads (default: every CPU this process may use).")
+@click.option("--bandwidth-mib", type=click.IntRange(1), help="Working set of the bandwidth test (default: above 4x the last-level cache).")
+@click.option("--json", "json_path", metavar="FILE", help="Write the record, raw samples included, as JSON to FILE ('-' for stdout only).")
+def bench(artifact, reference, prompt_lengths, decode_tokens, repetitions, warmup, threads, bandwidth_mib,
+          json_path) -> None:
+    """Measure load time, TTFT, prefill and decode tokens/s, peak RSS and the bandwidth ceiling, beside the fp32 reference.
+
+    Example: edgeforge bench llama-int4.pte.d --prompt-lengths 16,128 -r 5 --json bench.json
+    """
+    from edgeforge.verify.bench import BenchSettings, bench as run_bench, format_bench
+
+    settings = BenchSettings.from_options(prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
+                                          repetitions=repetitions, warmup=warmup, threads=threads,
+                                          bandwidth_bytes=bandwidth_mib and bandwidth_mib * 2**20)
+    record = run_bench(artifact, reference=reference, settings=settings, progress=_progress)
+    if json_path != "-":
+        click.echo(format_bench(record))
+    _emit_json(record.to_dict(), json_path)

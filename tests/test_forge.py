@@ -1,0 +1,55 @@
+"""`forge`: the whole pipeline on the bundled model, its reports, and resuming after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from edgeforge.pipeline import ForgeSettings, forge
+
+FAST = dict(recipe="int4-xnnpack", target="onnx-cpu", eval_windows=4, eval_seq_len=128, repetitions=1,
+            bandwidth_bytes=64 << 20)
+
+
+def test_forge_writes_reports_and_reuses_unchanged_stages(tmp_path):
+    out = tmp_path / "forge"
+    result = forge(ForgeSettings(**FAST), out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "edgeforge.report" and report["schema_version"] == 1
+    assert report["export"]["scheme"] == "8da4w" and report["export"]["guard"]["min_cosine"] > 0.999
+    drift = report["verify"]["drift"]
+    assert drift["token_count"] > 400 and 0 < drift["kld_mean_nats"] < 0.3 and drift["ppl_ratio"] > 1
+    assert report["verify"]["verdict"] == "pass", report["verify"]["verdict_line"]
+    decode = [t for m in report["bench"]["models"] for t in m["tests"] if t["name"].startswith("tg")]
+    assert len(decode) == 2 and all(t["tok_s"]["median"] > 0 for t in decode)
+    assert len(report["quantize"]["layers"]) == 37
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "PASS" in page and "</html>" in page
+    assert result.reused == []
+    again = forge(ForgeSettings(**FAST), out)
+    assert again.reused == ["quantize", "export", "verify", "bench"]
+    changed = forge(ForgeSettings(**{**FAST, "eval_windows": 3}), out)
+    assert changed.reused == ["quantize", "export", "bench"]
+
+
+def test_forge_killed_during_export_resumes_without_half_written_artifacts(tmp_path):
+    out = tmp_path / "forge"
+    args = [sys.executable, "-m", "edgeforge", "forge", "--recipe", FAST["recipe"], "--target", FAST["target"],
+            "-o", str(out), "--eval-windows", "4", "--eval-seq-len", "128", "--repetitions", "1"]
+    child = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in child.stderr:
+        if line.startswith("exporting "):  # the export stage has started writing its temporary directory
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait(timeout=120)
+    assert child.returncode == -signal.SIGKILL
+    assert (out / "quantized" / "edgeforge.json").exists()
+    assert not (out / "artifact").exists(), "a killed export must not leave an artifact at its output path"
+    state = json.loads((out / "forge-state.json").read_text())
+    assert list(state["stages"]) == ["quantize"]
+
+    result = forge(ForgeSettings(**FAST), out)
+    assert result.reused == ["quantize"]
+    assert (out / "artifact" / "edgeforge.json").exists() and (out / "report.html").exists()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
