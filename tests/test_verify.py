@@ -29,14 +29,6 @@ WINDOWS = ["--seq-len", "128", "--windows", "4"]  # 508 scored tokens: fast, and
 LOOSE_GATES = ["--max-kld", "0.15", "--min-top1", "0.75"]  # RTN int4 of stories260K passes; a planted fault fails
 
 
-@pytest.fixture(autouse=True)
-def cache_root(tmp_path_factory, monkeypatch):
-    """Keep every test's reference cache out of ~/.cache (one cache shared by the module's tests)."""
-    root = tmp_path_factory.getbasetemp() / "edgeforge-cache"
-    monkeypatch.setenv("EDGEFORGE_CACHE", str(root))
-    return root / "reference"
-
-
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     """Calibration text (the first paragraphs), held-out evaluation text, and a re-typed copy of calibration

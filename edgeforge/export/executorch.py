@@ -30,7 +30,7 @@ from edgeforge.errors import InputError, RuntimeFailure, UnsupportedError
 from edgeforge.export.artifact import register_exporter
 
 MODEL_FILE = "model.pte"
-ENCODER_MAX_BATCH = 16  # largest batch the encoder graph takes: memory is planned for it (MiniLM: 170 MB)
+ENCODER_MAX_BATCH = 16  # largest batch the encoder graph takes: memory is planned for it (MiniLM: 162 MiB)
 _BOOKKEEPING_OPS = {"sym_size", "_local_scalar_dense", "_assert_scalar", "sym_constrain_range_for_size"}
 # Guard tolerances (min cosine, min top-1) where XNNPACK computes differently by design (see guard_tolerance).
 # A miscompile is far outside both: XNNPACK's int8 weight-only linear drops the scale (cosine -0.3 to 0.004).
