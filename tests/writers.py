@@ -6,7 +6,6 @@ import json
 import struct
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgeforge.checkpoints.permute import rotate_half_to_interleaved

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeforge.errors import ConfigError, UnknownNameError
-from edgeforge.fileio import read_toml
+from edgeforge.errors import ConfigError
+from edgeforge.fileio import named_toml, read_toml
 
 TARGET_DIR = Path(__file__).resolve().parent.parent / "targets"
 _KEYS = {"description", "format", "backend", "schemes", "memory_budget_mb", "latency", "runs_here"}
@@ -37,12 +37,7 @@ def list_targets() -> dict[str, Path]:
 
 def load_target(name_or_path: str | Path) -> Target:
     """A bundled target by name, or a target TOML file by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        bundled = list_targets()
-        if str(name_or_path) not in bundled:
-            raise UnknownNameError("target", str(name_or_path), list(bundled))
-        path = bundled[str(name_or_path)]
+    path = named_toml(name_or_path, TARGET_DIR, "target")
     data = read_toml(path)
     unknown = sorted(set(data) - _KEYS)
     if unknown:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from edgeforge.errors import ConfigError, UnknownNameError
-from edgeforge.fileio import read_toml
+from edgeforge.fileio import named_toml, read_toml
 from edgeforge.quantize.scheme import ActivationScheme, WeightScheme
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -151,12 +151,7 @@ def list_recipes() -> dict[str, Path]:
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A bundled recipe by name, or a recipe TOML file by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        bundled = list_recipes()
-        if str(name_or_path) not in bundled:
-            raise UnknownNameError("recipe", str(name_or_path), list(bundled))
-        path = bundled[str(name_or_path)]
+    path = named_toml(name_or_path, RECIPE_DIR, "recipe")
     data = read_toml(path)
     try:
         return recipe_from_dict(path.stem, data)

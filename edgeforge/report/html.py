@@ -233,6 +233,6 @@ def _provenance(report: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
     machine = (report.get("bench") or {}).get("machine") or {}
     cpu = f"{machine.get('cpu_model')}, {machine.get('usable_cpus')} CPUs" if machine else "not measured"
-    return (f"<h2>Provenance</h2>" + _table(["", ""], [["created", report["created"]], ["versions", versions],
+    return ("<h2>Provenance</h2>" + _table(["", ""], [["created", report["created"]], ["versions", versions],
                                                        ["machine", cpu],
                                                        ["source sha256", report["source"]["sha256"]]], numeric_from=9))
