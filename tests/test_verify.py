@@ -280,3 +280,25 @@ def test_pte_artifact_is_verified_in_executorch(texts, tmp_path):
     report = verify(artifact.path, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
     assert report.artifact["format"] == "pte" and report.reference_cache["hit"]
     assert report.drift.kld_mean == pytest.approx(eager.drift.kld_mean, rel=0.1)
+
+
+def test_artifact_from_the_broken_int8_weight_only_xnnpack_lowering_fails_verify(texts, tmp_path):
+    """The miscompile the export guard stops (XNNPACK drops weight-only scales), exported with the guard
+    bypassed through a target that claims to run 8w: verify, run on the artifact itself, fails it."""
+    from edgeforge.export import export, load_target
+    from edgeforge.models.llama import LlamaConfig
+    from tests.conftest import STORIES
+    from tests.writers import core_state, random_llama, write_hf
+
+    config = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=128, max_seq_len=128)
+    reference = write_hf(tmp_path / "fp32", config, core_state(random_llama(config)))
+    shutil.copyfile(STORIES / "tok512.model", reference / "tok512.model")
+    quantize_checkpoint(open_checkpoint(reference), load_recipe("int8-weight-only"), calibration=None,
+                        output_dir=tmp_path / "q")
+    claims_8w = replace(load_target("host"), name="claims-8w", schemes=("8w",))
+    export(tmp_path / "q", claims_8w, tmp_path / "pte", max_seq_len=128, check=False)
+    result = _cli("verify", tmp_path / "pte", "--reference", reference, "--data", texts["eval"], *WINDOWS)
+    assert result.exit_code == 1, result.output
+    assert re.search(r"FAIL: kld_mean [0-9.]+ > max_kld 0.002", result.stdout), result.stdout
+    eager = _cli("verify", tmp_path / "q", "--reference", reference, "--data", texts["eval"], *WINDOWS)
+    assert eager.exit_code == 0, eager.output  # the same quantized weights, run eager, are fine

@@ -100,6 +100,11 @@ class DriftStats:
         return asdict(self)
 
 
+def _exp(value: float) -> float:
+    """exp that saturates to inf: a broken artifact's perplexity must be reported, not crash verify."""
+    return math.exp(value) if value < 709.0 else float("inf")
+
+
 def _sem(values: torch.Tensor) -> float:
     """Standard error of the mean (sample standard deviation / sqrt(n))."""
     return float(values.std(correction=1) / math.sqrt(values.numel()))
@@ -122,8 +127,8 @@ def summarize_drift(stats: TokenStats | Sequence[TokenStats]) -> DriftStats:
         raise InputError(f"drift statistics need at least 2 scored tokens for an uncertainty, got {n}")
     nll_diff = stats.test_nll - stats.ref_nll
     ln_ratio, ln_ratio_sem = float(nll_diff.mean()), _sem(nll_diff)
-    ppl_ref, ppl_test, ppl_ratio = math.exp(float(stats.ref_nll.mean())), math.exp(float(stats.test_nll.mean())), \
-        math.exp(ln_ratio)
+    ppl_ref, ppl_test, ppl_ratio = _exp(float(stats.ref_nll.mean())), _exp(float(stats.test_nll.mean())), \
+        _exp(ln_ratio)
     kld_sorted = stats.kld.sort().values
     top1 = float(stats.same_top1.double().mean())
     squared_dp = stats.delta_p.square()
