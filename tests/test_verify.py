@@ -135,7 +135,7 @@ def test_recipe_gates_are_the_default(int4, texts):
     assert result.exit_code == 1, result.output
     assert "gates      from recipe int4-weight-only" in result.stdout
     verdict = result.stdout.strip().splitlines()[-1]
-    assert verdict.startswith("FAIL: kld_mean") and "max_kld 1e-09" in verdict and "min_top1 0.88" in result.stdout
+    assert verdict.startswith("FAIL: kld_mean") and "max_kld 1e-09" in verdict and "min_top1 0.83" in result.stdout
 
 
 def test_overlapping_text_is_refused_with_exit_2_unless_allowed(int4, texts):
@@ -243,7 +243,8 @@ def test_onnx_artifact_is_verified_in_onnxruntime_with_its_sources_lineage(int4,
     report = verify(artifact.path, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
     assert report.artifact["kind"] == "artifact" and report.artifact["format"] == "onnx"
     assert report.reference_cache["hit"], "the eager run's reference results were not reused"
-    assert report.overlap.method == "fingerprints" and report.overlap.source == str(int4 / "calibration.json")
+    assert report.overlap.method == "fingerprints"  # export copied the source's fingerprints into the artifact
+    assert report.overlap.source == str(artifact.path / "calibration.json")
     assert [g.gate for g in report.gates] == ["max_kld", "min_top1"] and report.gates_source.startswith("recipe int4")
     assert not report.notes, report.notes  # the reference is the checkpoint the artifact was made from
     assert report.drift.kld_mean == pytest.approx(eager.drift.kld_mean, rel=0.1)  # runtime vs eager: same model
