@@ -33,7 +33,7 @@ from edgeforge.quantize.awq import awq_search_scales
 from edgeforge.quantize.calibration import CalibrationSet
 from edgeforge.quantize.checkpoint import KIND, SCHEMA_VERSION, layer_tensors, save_quantized
 from edgeforge.quantize.fold import fold_scales_into_linear, fold_scales_into_norm
-from edgeforge.quantize.gptq import HessianAccumulator, gptq_quantize
+from edgeforge.quantize.gptq import HessianAccumulator, InverseHessian, gptq_quantize, prepare_hessian
 from edgeforge.quantize.metrics import sqnr_db
 from edgeforge.quantize.recipe import Recipe
 from edgeforge.quantize.rtn import mse_clip_search, rtn_quantize
@@ -48,7 +48,7 @@ GROUPS = (
     ("feed_forward.w3", ("feed_forward.w2",)),
 )
 BATCH = 8  # calibration sequences per forward
-PROBE_ROWS = 4096  # token rows kept per group for AWQ's search and the sensitivity table
+PROBE_ROWS = 2048  # token rows kept per group for AWQ's search and the sensitivity table
 ROW_CHUNK = 8192  # output rows quantized at a time: bounds the temporaries of a 128k-row head
 CLIPPING = {"mse", "awq", "gptq", "awq+gptq"}  # int4 scales from an MSE clip search (AWQ's auto-clip)
 
@@ -294,33 +294,38 @@ class _BlockQuantizer:
             if self.activations is ActivationScheme.STATIC_INT8 else None
         h = hessian.hessian().float() if hessian is not None else None
         del hessian  # its float64 running sum is twice the size of h
+        inverse = None
+        if h is not None and self.algorithm in ("gptq", "awq+gptq"):  # one O(in³) inverse for the whole group
+            inverse = prepare_hessian(h, damp=self.recipe.gptq.damp, act_order=self.recipe.gptq.act_order)
         for name, module in modules.items():
             scheme = plans[name].scheme
             if scheme is None:
                 self.out[f"{name}.weight"] = module.weight.detach().float().clone()
                 continue
             weight = module.weight.detach()  # the output head stays in its stored dtype; chunks go to fp32
-            quantized = self._round(weight, scheme, h)
+            quantized = self._round(weight, scheme, h, inverse)
             self.out.update(layer_tensors(name, quantized, scheme, input_qparams))
             self.stats[name] = self._layer_stats(name, scheme, weight, quantized, probe)
             if name != "output":  # later groups of the block read this layer's quantized output
                 module.weight = torch.nn.Parameter(dequantize(*quantized), requires_grad=False)
 
-    def _round(self, weight: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None) -> QuantizedWeight:
+    def _round(self, weight: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None,
+               inverse: InverseHessian | None) -> QuantizedWeight:
         """Quantize ``weight`` a chunk of rows at a time (every method here treats rows independently), so a
         128k-row head never needs more than a chunk's worth of temporaries."""
-        return _concat([self._round_rows(rows, scheme, hessian) for rows in weight.split(ROW_CHUNK)])
+        return _concat([self._round_rows(rows, scheme, hessian, inverse) for rows in weight.split(ROW_CHUNK)])
 
-    def _round_rows(self, rows: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None) -> QuantizedWeight:
+    def _round_rows(self, rows: torch.Tensor, scheme: WeightScheme, hessian: torch.Tensor | None,
+                    inverse: InverseHessian | None) -> QuantizedWeight:
         rows = rows.float()
         clip = None
         if self.algorithm in CLIPPING and scheme.bits == 4:
             moment = hessian.diagonal().float() if hessian is not None else None
             clip = mse_clip_search(rows, scheme, input_second_moment=moment, grid=self.recipe.mse.grid)
-        if hessian is None or self.algorithm not in ("gptq", "awq+gptq"):
+        if inverse is None:
             return rtn_quantize(rows, scheme, clip_ratio=clip)
         settings = self.recipe.gptq
-        return gptq_quantize(rows, hessian, scheme, damp=settings.damp, block_size=settings.block_size,
+        return gptq_quantize(rows, inverse, scheme, damp=settings.damp, block_size=settings.block_size,
                              act_order=settings.act_order, clip_ratio=clip)
 
     def _layer_stats(self, name, scheme, weight, quantized: QuantizedWeight, probe) -> dict:

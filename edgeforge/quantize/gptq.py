@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -64,7 +65,23 @@ class HessianAccumulator:
         return self._sum / self.sample_count
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, *,
+class InverseHessian(NamedTuple):
+    """What GPTQ needs from a Hessian, prepared once and shared by every linear (and row chunk) reading
+    the same input: the upper Cholesky factor of the damped, act-ordered H⁻¹ and that column order."""
+
+    factor: torch.Tensor
+    order: torch.Tensor
+    damp: float
+    act_order: bool
+
+
+def prepare_hessian(hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = True) -> InverseHessian:
+    """Damp, order and invert ``hessian`` [in, in] for :func:`gptq_quantize` (the costly O(in³) part)."""
+    factor, order = _ordered_inverse_hessian(hessian, damp=damp, act_order=act_order)
+    return InverseHessian(factor, order, damp, act_order)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | InverseHessian, scheme: WeightScheme, *,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = True,
                   static_groups: bool = True,
                   clip_ratio: float | torch.Tensor | None = None) -> QuantizedWeight:
@@ -83,9 +100,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     group_size = check_group_size(in_features, scheme, f"weight of shape {out_features}x{in_features}")
     dynamic_groups = not static_groups and scheme.group_size is not None
     _check_options(damp=damp, block_size=block_size, act_order=act_order, dynamic_groups=dynamic_groups)
-    if hessian.shape != (in_features, in_features):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight of shape "
-                         f"{tuple(weight.shape)}")
+    size = tuple(hessian.factor.shape if isinstance(hessian, InverseHessian) else hessian.shape)
+    if size != (in_features, in_features):
+        raise ValueError(f"Hessian of shape {size} does not fit a weight of shape {tuple(weight.shape)}")
 
     n_groups = in_features // group_size
     ratios = None if clip_ratio is None else torch.ones(out_features, n_groups) * clip_ratio
@@ -96,7 +113,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     else:
         scale, zero_point = compute_qparams(weight, scheme, ratios)
 
-    hessian_inverse, order = _ordered_inverse_hessian(hessian, damp=damp, act_order=act_order)
+    if not isinstance(hessian, InverseHessian):
+        hessian = prepare_hessian(hessian, damp=damp, act_order=act_order)
+    elif (hessian.damp, hessian.act_order) != (damp, act_order):
+        raise ValueError(f"Hessian prepared with damp={hessian.damp}, act_order={hessian.act_order}, "
+                         f"used with damp={damp}, act_order={act_order}")
+    hessian_inverse, order = hessian.factor, hessian.order
     # Work on the transpose: each weight column is then a contiguous row, which the per-column sweep
     # reads and updates ~in_features times (several times faster on CPU than strided column access).
     columns = weight[:, order].T.contiguous()  # [in, out], updated in place by the sweep
