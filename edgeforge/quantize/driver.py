@@ -292,8 +292,8 @@ class _BlockQuantizer:
         probe = torch.cat(probe)[:PROBE_ROWS] if probe else None
         input_qparams = static_activation_qparams(low, high) \
             if self.activations is ActivationScheme.STATIC_INT8 else None
-        h = hessian.hessian().float() if hessian is not None else None
-        del hessian  # its float64 running sum is twice the size of h
+        h = hessian.hessian() if hessian is not None else None
+        del hessian  # its running sum is as large as h
         inverse = None
         if h is not None and self.algorithm in ("gptq", "awq+gptq"):  # one O(in³) inverse for the whole group
             inverse = prepare_hessian(h, damp=self.recipe.gptq.damp, act_order=self.recipe.gptq.act_order)
