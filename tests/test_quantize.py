@@ -174,7 +174,8 @@ def test_cli_quantize_progress_summary_and_json(split, tmp_path):
     assert "layers.4.attention.wv" in result.stdout and "int4 g32" in result.stdout
     record = json.loads((tmp_path / "q.json").read_text())
     assert record["recipe"]["name"] == "int4-gptq" and record["calibration"]["seq_len"] == 64
-    assert "inspect" and "edgeforge" in _cli("inspect", tmp_path / "q").stdout
+    shown = _cli("inspect", tmp_path / "q").stdout
+    assert "format        edgeforge" in shown and "recipe int4-gptq, algorithm gptq" in shown, shown
 
 
 def test_cli_quantize_refusals_leave_nothing_behind(split, tmp_path):
