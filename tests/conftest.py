@@ -31,3 +31,19 @@ def minilm_dir(tmp_path_factory):
         (directory / entry.name).symlink_to(entry)
     (directory / "model.safetensors").symlink_to(Path(gt_minilm.get_model_path()) / "model.safetensors")
     return directory
+
+
+@pytest.fixture(scope="session")
+def minilm_int8(minilm_dir, tmp_path_factory):
+    """all-MiniLM-L6-v2 quantized with the embedding-int8 recipe (SmoothQuant calibrated on the bundled text)."""
+    from edgeforge.checkpoints import open_checkpoint
+    from edgeforge.pipeline import BUNDLED_TEXT
+    from edgeforge.quantize import load_recipe, quantize_checkpoint
+    from edgeforge.quantize.calibration import build_calibration
+
+    checkpoint, recipe = open_checkpoint(minilm_dir), load_recipe("embedding-int8")
+    calibration = build_calibration(BUNDLED_TEXT / "calibration.txt", checkpoint.tokenizer,
+                                    samples=recipe.calibration.samples, seq_len=recipe.calibration.seq_len)
+    directory = tmp_path_factory.mktemp("minilm-int8") / "int8"
+    quantize_checkpoint(checkpoint, recipe, calibration=calibration, output_dir=directory)
+    return directory

@@ -454,13 +454,10 @@ def test_grouped_asymmetric_quantized_embedding_gathers_what_eager_does(ids_shap
 
 
 @pytest.mark.parametrize("recipe", [None, "embedding-int8"])
-def test_minilm_onnx_embeddings_match_fp32_reference(recipe, minilm_dir, tmp_path):
+def test_minilm_onnx_embeddings_match_fp32_reference(recipe, minilm_dir, minilm_int8, tmp_path):
     from edgeforge.checkpoints.tokenizers import HFTokenizer
 
-    source = minilm_dir
-    if recipe is not None:
-        source = tmp_path / "int8"
-        quantize_checkpoint(open_checkpoint(minilm_dir), load_recipe(recipe), calibration=None, output_dir=source)
+    source = minilm_dir if recipe is None else minilm_int8
     artifact = export(source, "onnx-cpu", tmp_path / "onnx")
     assert artifact.manifest["guard"]["passed"]
     assert (recipe is None) == ("com.microsoft::MatMulNBits" not in artifact.manifest["report"]["op_types"])
@@ -470,7 +467,7 @@ def test_minilm_onnx_embeddings_match_fp32_reference(recipe, minilm_dir, tmp_pat
     ours = torch.cat([session.embed(*tokenizer.encode_batch(sentences[i:i + 4], 256))
                       for i in range(0, len(sentences), 4)])  # batches padded differently
     cosine = F.cosine_similarity(ours, reference, dim=-1)
-    assert cosine.min() >= (0.9999 if recipe is None else 0.999), f"min cosine {cosine.min():.6f}"
+    assert cosine.min() >= (0.9999 if recipe is None else 0.999), f"min cosine {cosine.min():.6f}"  # int8: 0.9996
 
 
 @pytest.mark.slow

@@ -342,14 +342,10 @@ def test_encoder_pte_has_dynamic_batch_and_length(tiny_bert, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["fp32", "8da8w"])
-def test_minilm_pte_embeddings_match_the_fp32_reference(scheme, minilm_dir, tmp_path):
+def test_minilm_pte_embeddings_match_the_fp32_reference(scheme, minilm_dir, minilm_int8, tmp_path):
     import json
 
-    path = minilm_dir
-    if scheme != "fp32":
-        path = tmp_path / "q"
-        quantize_checkpoint(open_checkpoint(minilm_dir), load_recipe(RECIPES[scheme]), calibration=None,
-                            output_dir=path)
+    path = minilm_dir if scheme == "fp32" else minilm_int8
     artifact = export(path, "host", tmp_path / "pte")
     assert artifact.manifest["guard"]["passed"]
     sentences = json.loads((MINILM / "reference" / "sentences.json").read_text())
@@ -365,3 +361,4 @@ def test_minilm_pte_embeddings_match_the_fp32_reference(scheme, minilm_dir, tmp_
         eager = eager_model(path)(*inputs)
     assert F.cosine_similarity(candidate, eager).min() >= 0.995
     assert (cosine - F.cosine_similarity(eager, reference)).min() >= -0.001
+    assert cosine.mean() >= 0.999, cosine  # SmoothQuant int8: measured 0.99937 mean, 0.99921 min

@@ -106,6 +106,30 @@ def test_same_seed_gives_a_bit_identical_checkpoint(split, calibration, quantize
     assert not torch.equal(other.tokens, calibration.tokens)
 
 
+def test_large_results_are_written_in_shards_that_load_back_identically(split, quantized, tmp_path, monkeypatch):
+    """Quantize streams finished tensors to disk in shards (memory); the sharded checkpoint is the same model."""
+    from safetensors.torch import load_file
+
+    import edgeforge.quantize.checkpoint as checkpoint_module
+    from edgeforge.quantize import weight_files
+
+    monkeypatch.setattr(checkpoint_module, "SHARD_BYTES", 64 * 1024)
+    quantize_checkpoint(split[0], load_recipe("int4-xnnpack"), calibration=None, output_dir=tmp_path / "q")
+    files = weight_files(tmp_path / "q")
+    assert len(files) > 3 and not (tmp_path / "q" / "model.safetensors").exists()
+    assert [f.name for f in files][-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    assert not list((tmp_path / "q").glob("*.partial"))
+    index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())
+    single = load_file(str(quantized["int4-xnnpack"] / "model.safetensors"))
+    sharded = {name: t for f in files for name, t in load_file(str(f)).items()}
+    assert sorted(index["weight_map"]) == sorted(sharded) == sorted(single)
+    assert all(torch.equal(sharded[name], single[name]) for name in single)
+    tokens = split[2][:2]
+    with torch.no_grad():
+        assert torch.equal(load_quantized_model(tmp_path / "q")(tokens),
+                           load_quantized_model(quantized["int4-xnnpack"])(tokens))
+
+
 def test_calibration_sources_and_fingerprints(tmp_path):
     checkpoint = open_checkpoint(DEFAULT_CHECKPOINT)
     stories = ["Once upon a time there was a cat.", "The dog ran to the park and played all day long."] * 40

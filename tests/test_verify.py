@@ -213,16 +213,8 @@ def test_quantized_reference_is_refused(int4, texts):
     assert result.exit_code == 2 and "must be a full-precision checkpoint" in result.stderr, result.output
 
 
-@pytest.fixture(scope="module")
-def minilm(minilm_dir, tmp_path_factory):
-    """all-MiniLM-L6-v2 and its int8."""
-    int8 = tmp_path_factory.mktemp("minilm-int8") / "int8"
-    quantize_checkpoint(open_checkpoint(minilm_dir), load_recipe("embedding-int8"), calibration=None, output_dir=int8)
-    return minilm_dir, int8
-
-
-def test_minilm_int8_embeddings_stay_close_to_fp32(minilm, texts, tmp_path):
-    fp32, int8 = minilm
+def test_minilm_int8_embeddings_stay_close_to_fp32(minilm_dir, minilm_int8, texts, tmp_path):
+    fp32, int8 = minilm_dir, minilm_int8
     out = tmp_path / "verify.json"
     result = _cli("verify", int8, "--reference", fp32, "--data", texts["eval"], "--sentences", "32", "--seq-len", "64",
                   "--json", out)

@@ -68,7 +68,7 @@ def llama_config_from_hf(config: dict, path: Path) -> LlamaConfig:
     )
 
 
-def _safetensors_files(directory: Path) -> dict[str, Path]:
+def safetensors_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> file holding it, from the shard index or the single model.safetensors."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -162,7 +162,7 @@ def open_hf(path: Path) -> Checkpoint:
     else:
         raise UnsupportedError(f"unknown architecture model_type={model_type!r} (supported: llama, bert)",
                                path=config_path)
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     tensors = LazyTensors(path)
     _add_safetensors(tensors, files, rename)
     tokenizer = find_tokenizer(path, vocab_size=config.vocab_size)

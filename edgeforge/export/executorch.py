@@ -156,6 +156,8 @@ def to_torchao(model: nn.Module) -> nn.Module:
             linear.weight = nn.Parameter(_intx_tensor(module, dynamic), requires_grad=False)
             if linear.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+            if module.input_multiplier is not None:
+                linear = ScaledInput(module.input_multiplier, linear)
             set_module(model, name, linear)
         elif isinstance(module, QuantizedEmbedding):
             rows, dim = module.qdata.shape
@@ -163,6 +165,18 @@ def to_torchao(model: nn.Module) -> nn.Module:
             embedding.weight = nn.Parameter(_intx_tensor(module, False), requires_grad=False)
             set_module(model, name, embedding)
     return model
+
+
+class ScaledInput(nn.Module):
+    """``linear(x * multiplier)``: a SmoothQuant input multiplier ahead of a quantized linear (XNNPACK runs the mul)."""
+
+    def __init__(self, multiplier: torch.Tensor, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("multiplier", multiplier.detach().clone())
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.multiplier)
 
 
 def _intx_tensor(module: nn.Module, dynamic_activations: bool):

@@ -153,6 +153,9 @@ def linear(g: GraphBuilder, x: str, module: nn.Module, name: str) -> str:
     if lower is None:
         raise UnsupportedError(f"{name}: no ONNX lowering for {type(module).__name__} "
                                f"(supported: {', '.join(t.__name__ for t in _LINEARS)})")
+    multiplier = getattr(module, "input_multiplier", None)
+    if multiplier is not None:  # SmoothQuant's 1/s, applied before the activations are quantized
+        x = g.op("Mul", [x, g.initializer(f"{name}.input_multiplier", numpy(multiplier.float()))], name=name)
     y = lower(g, x, module, name)
     bias = getattr(module, "bias", None)
     if bias is not None:

@@ -2,8 +2,11 @@
 
     model.safetensors   per quantized layer NAME: NAME.qweight (int8, or int4 packed two per uint8),
                         NAME.scale (float32 [out, groups]), NAME.zero_point (int8, asymmetric only),
-                        NAME.input_scale / NAME.input_zero_point (static activations only);
-                        everything else (norms, layers kept in full precision) as NAME.weight, float32
+                        NAME.input_scale / NAME.input_zero_point (static activations only),
+                        NAME.input_multiplier (SmoothQuant's 1/s where no op could absorb it), NAME.bias;
+                        everything else (norms, layers kept in full precision) as NAME.weight, float32.
+                        Beyond SHARD_BYTES: model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+                        the Hugging Face layout, written shard by shard while quantizing.
     edgeforge.json      manifest: source hash, recipe, calibration, tool versions, per-layer schemes and stats
     calibration.json    fingerprints of the calibration documents (for verify's overlap check)
     tokenizer files     copied from the source checkpoint
@@ -12,27 +15,31 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from edgeforge.checkpoints import Checkpoint, LazyTensors, register_format
+from edgeforge.checkpoints.hf import safetensors_files
 from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError
-from edgeforge.fileio import atomic_directory, read_json, write_json_atomic
+from edgeforge.fileio import read_json, write_json_atomic
 from edgeforge.models import model_class
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear, set_module
 from edgeforge.quantize.scheme import (ActivationScheme, QuantizedWeight, WeightScheme, dequantize, pack_int4,
                                        unpack_int4)
 
 MANIFEST = "edgeforge.json"
-QUANTIZED_SUFFIXES = ("qweight", "scale", "zero_point", "input_scale", "input_zero_point", "bias")
+QUANTIZED_SUFFIXES = ("qweight", "scale", "zero_point", "input_scale", "input_zero_point", "input_multiplier", "bias")
 KIND = "edgeforge.quantized_checkpoint"
 SCHEMA_VERSION = 1
+SHARD_BYTES = 128 * 2**20  # a quantizer holds at most about this much finished output (x2 while a shard is written)
 
 
 def layer_tensors(name: str, weight: QuantizedWeight, scheme: WeightScheme,
-                  input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  input_multiplier: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The safetensors entries of one quantized layer."""
     qdata = pack_int4(weight.qdata) if scheme.bits == 4 else weight.qdata
     out = {f"{name}.qweight": qdata.contiguous(), f"{name}.scale": weight.scale.contiguous()}
@@ -40,23 +47,62 @@ def layer_tensors(name: str, weight: QuantizedWeight, scheme: WeightScheme,
         out[f"{name}.zero_point"] = weight.zero_point.contiguous()
     if input_qparams is not None:
         out[f"{name}.input_scale"], out[f"{name}.input_zero_point"] = (t.reshape(1).clone() for t in input_qparams)
+    if input_multiplier is not None:
+        out[f"{name}.input_multiplier"] = input_multiplier.float().clone()  # readers of one input share it
     return out
 
 
-def save_quantized(output_dir: str | Path, *, tensors: dict[str, torch.Tensor], manifest: dict,
-                   fingerprints: tuple[str, ...] | None, tokenizer_files: list[Path]) -> Path:
-    """Write the directory atomically (a temporary sibling renamed into place when complete)."""
-    from safetensors.torch import save_file
+class ShardWriter:
+    """Collects finished tensors and writes them out in safetensors shards of about ``shard_bytes``, so the
+    quantized result of a large model never sits in memory whole. ``close`` names the files: a single
+    ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
 
-    output_dir = Path(output_dir)
-    with atomic_directory(output_dir) as tmp:
-        save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json_atomic(tmp / MANIFEST, manifest)
-        if fingerprints is not None:
-            write_json_atomic(tmp / "calibration.json", {"document_fingerprints": list(fingerprints)})
-        for file in tokenizer_files:
-            shutil.copyfile(file, tmp / file.name)
-    return output_dir
+    def __init__(self, directory: Path):
+        self.directory, self.shard_bytes = Path(directory), SHARD_BYTES
+        self.pending: dict[str, torch.Tensor] = {}
+        self.shards: list[tuple[Path, list[str]]] = []
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self.update({name: tensor})
+
+    def update(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.pending.update(tensors)
+        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        file = self.directory / f"shard-{len(self.shards):05d}.partial"
+        save_file(dict(sorted(self.pending.items())), str(file), metadata={"format": "pt"})
+        self.shards.append((file, sorted(self.pending)))
+        self.pending = {}
+
+    def close(self) -> None:
+        self._flush()
+        if len(self.shards) == 1:
+            self.shards[0][0].rename(self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for number, (file, names) in enumerate(self.shards, start=1):
+            final = f"model-{number:05d}-of-{len(self.shards):05d}.safetensors"
+            file.rename(self.directory / final)
+            weight_map.update(dict.fromkeys(names, final))
+        size = sum((self.directory / f).stat().st_size for f in set(weight_map.values()))
+        write_json_atomic(self.directory / "model.safetensors.index.json",
+                          {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def save_quantized(tmp: Path, *, manifest: dict, fingerprints: tuple[str, ...] | None,
+                   tokenizer_files: list[Path]) -> None:
+    """Write what goes beside the weights into the (temporary) checkpoint directory."""
+    write_json_atomic(tmp / MANIFEST, manifest)
+    if fingerprints is not None:
+        write_json_atomic(tmp / "calibration.json", {"document_fingerprints": list(fingerprints)})
+    for file in tokenizer_files:
+        shutil.copyfile(file, tmp / file.name)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -71,14 +117,21 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a quantized checkpoint directory."""
+    return sorted(set(safetensors_files(path).values()))
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    file = path / "model.safetensors"
-    try:
-        return load_file(str(file))
-    except Exception as exc:
-        raise InputError(f"not a readable safetensors file ({exc})", path=file) from exc
+    tensors = {}
+    for file in weight_files(path):
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as exc:
+            raise InputError(f"not a readable safetensors file ({exc})", path=file) from exc
+    return tensors
 
 
 def _quantized_weight(tensors: dict, name: str, scheme: WeightScheme, path: Path) -> QuantizedWeight:
@@ -87,7 +140,7 @@ def _quantized_weight(tensors: dict, name: str, scheme: WeightScheme, path: Path
         qdata = unpack_int4(qdata) if scheme.bits == 4 else qdata
         return QuantizedWeight(qdata, tensors[f"{name}.scale"], tensors.get(f"{name}.zero_point"))
     except KeyError as exc:
-        raise InputError(f"missing tensor {exc.args[0]}", path=path / "model.safetensors") from None
+        raise InputError(f"missing tensor {exc.args[0]}", path=path) from None
 
 
 def manifest_config(manifest: dict):
@@ -115,19 +168,21 @@ def load_quantized_model(path: str | Path) -> torch.nn.Module:
         if activations is ActivationScheme.STATIC_INT8:
             input_qparams = (tensors[f"{name}.input_scale"][0], tensors[f"{name}.input_zero_point"][0])
         set_module(model, name, QuantizedLinear(weight, scheme, activations, input_qparams,
-                                                bias=tensors.get(f"{name}.bias")))
+                                                bias=tensors.get(f"{name}.bias"),
+                                                input_multiplier=tensors.get(f"{name}.input_multiplier")))
     quantized = {f"{name}.{suffix}" for name in manifest["layers"] for suffix in QUANTIZED_SUFFIXES}
     plain = {k: v for k, v in tensors.items() if k not in quantized}
     missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in plain]
     if missing:
-        raise InputError(f"missing tensor {missing[0]}", path=path / "model.safetensors")
+        raise InputError(f"missing tensor {missing[0]}", path=path)
     model.load_state_dict(plain, strict=False, assign=True)
     model.init_buffers()
     return model.eval()
 
 
 def _is_quantized_dir(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).exists() and (path / "model.safetensors").exists()
+    return path.is_dir() and (path / MANIFEST).exists() and any(
+        (path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
 @register_format("edgeforge", detect=_is_quantized_dir)
@@ -140,9 +195,10 @@ def open_quantized(path: Path) -> Checkpoint:
     for name, layer in manifest["layers"].items():
         scheme = WeightScheme.from_dict(layer["scheme"])
         weight = _quantized_weight(stored, name, scheme, path)
+        multiplier = stored.get(f"{name}.input_multiplier", 1.0)  # the weight as the layer applies it to x
         lazy.add(f"{name}.weight", weight.qdata.shape, f"INT{scheme.bits}",
-                 lambda w=weight: dequantize(w.qdata, w.scale, w.zero_point))
-    quantized = {f"{name}.{suffix}" for name in manifest["layers"] for suffix in QUANTIZED_SUFFIXES[:-1]}
+                 lambda w=weight, m=multiplier: dequantize(w.qdata, w.scale, w.zero_point) * m)
+    quantized = {f"{name}.{suffix}" for name in manifest["layers"] for suffix in QUANTIZED_SUFFIXES if suffix != "bias"}
     for name, tensor in stored.items():
         if name not in quantized:
             lazy.add(name, tensor.shape, "F32", lambda t=tensor: t)

@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from edgeforge import __version__
 from edgeforge.checkpoints import Checkpoint, load_model
 from edgeforge.errors import ConfigError, UnsupportedError
+from edgeforge.fileio import atomic_directory
 from edgeforge.models.llama import LlamaConfig, RMSNorm, TransformerBlock, rope_tables
 from edgeforge.quantize.activations import quantize_activations_per_token, static_activation_qparams
 from edgeforge.quantize.awq import awq_search_scales
 from edgeforge.quantize.calibration import CalibrationSet
-from edgeforge.quantize.checkpoint import KIND, SCHEMA_VERSION, layer_tensors, save_quantized
+from edgeforge.quantize.checkpoint import KIND, SCHEMA_VERSION, ShardWriter, layer_tensors, save_quantized
 from edgeforge.quantize.fold import fold_scales_into_linear, fold_scales_into_norm
 from edgeforge.quantize.gptq import HessianAccumulator, InverseHessian, gptq_quantize, prepare_hessian
 from edgeforge.quantize.metrics import sqnr_db
@@ -98,44 +99,55 @@ def quantize_checkpoint(checkpoint: Checkpoint, recipe: Recipe, *, calibration: 
     if recipe.needs_calibration and calibration is None:
         raise ConfigError(f"recipe {recipe.name} ({recipe.algorithm}) needs calibration text: pass --calib PATH")
     say = progress or (lambda message: None)
-    if checkpoint.architecture == "bert":
-        config = checkpoint.config
-        tensors, stats, plans = _quantize_encoder(checkpoint, recipe, say)
-    else:
-        config = replace(checkpoint.config, tie_embeddings=False)
-        plans = plan_layers(checkpoint.config, recipe)
-        for plan in plans.values():
-            if plan.note:
-                say(f"fallback {plan.name}: {plan.note}")
-        tensors, stats = _BlockQuantizer(checkpoint, recipe, plans, calibration).run(say)
-    manifest = {
-        "kind": KIND, "schema_version": SCHEMA_VERSION, "architecture": checkpoint.architecture,
-        "config": config.to_dict(),
-        "source": {"path": str(checkpoint.path), "format": checkpoint.format, "sha256": checkpoint.content_hash()},
-        "recipe": recipe.to_dict(),
-        "calibration": calibration.describe() if calibration is not None else None,
-        "layers": stats,
-        "fallbacks": {p.name: p.note for p in plans.values() if p.note},
-        "versions": {"edgeforge": __version__, "torch": torch.__version__, "torchao": _version("torchao")},
-    }
-    tokenizer_files = [checkpoint.tokenizer.source] if checkpoint.tokenizer is not None and \
-        getattr(checkpoint.tokenizer, "source", None) and Path(checkpoint.tokenizer.source).is_file() else []
-    if tokenizer_files and tokenizer_files[0].name == "tokenizer.json":
-        sibling = tokenizer_files[0].parent / "tokenizer_config.json"
-        tokenizer_files += [sibling] if sibling.exists() else []
-    save_quantized(output_dir, tensors=tensors, manifest=manifest,
-                   fingerprints=calibration.document_fingerprints if calibration is not None else None,
-                   tokenizer_files=tokenizer_files)
+    with atomic_directory(output_dir) as tmp:
+        weights = ShardWriter(tmp)
+        if checkpoint.architecture == "bert":
+            config = checkpoint.config
+            stats, plans = _quantize_encoder(checkpoint, recipe, calibration, weights, say)
+        else:
+            config = replace(checkpoint.config, tie_embeddings=False)
+            plans = plan_layers(checkpoint.config, recipe)
+            for plan in plans.values():
+                if plan.note:
+                    say(f"fallback {plan.name}: {plan.note}")
+            stats = _BlockQuantizer(checkpoint, recipe, plans, calibration, weights).run(say)
+        weights.close()
+        manifest = {
+            "kind": KIND, "schema_version": SCHEMA_VERSION, "architecture": checkpoint.architecture,
+            "config": config.to_dict(),
+            "source": {"path": str(checkpoint.path), "format": checkpoint.format, "sha256": checkpoint.content_hash()},
+            "recipe": recipe.to_dict(),
+            "calibration": calibration.describe() if calibration is not None else None,
+            "layers": stats,
+            "fallbacks": {p.name: p.note for p in plans.values() if p.note},
+            "versions": {"edgeforge": __version__, "torch": torch.__version__, "torchao": _version("torchao")},
+        }
+        save_quantized(tmp, manifest=manifest,
+                       fingerprints=calibration.document_fingerprints if calibration is not None else None,
+                       tokenizer_files=_tokenizer_files(checkpoint))
     return QuantizeResult(Path(output_dir), manifest, time.perf_counter() - start)
 
 
-def _quantize_encoder(checkpoint: Checkpoint, recipe: Recipe, say: Callable[[str], None]):
-    """Sentence encoders: data-free round-to-nearest of every linear (and the word embedding if the recipe says)."""
-    if recipe.algorithm not in ("rtn", "mse") or recipe.activations is ActivationScheme.STATIC_INT8:
-        raise UnsupportedError(f"recipe {recipe.name}: sentence encoders take data-free recipes (rtn or mse, "
-                               f"no static activations), e.g. embedding-int8")
+def _tokenizer_files(checkpoint: Checkpoint) -> list[Path]:
+    """The source's tokenizer file (and tokenizer_config.json beside a tokenizer.json), copied to the output."""
+    source = getattr(checkpoint.tokenizer, "source", None)
+    if source is None or not Path(source).is_file():
+        return []
+    files = [Path(source)]
+    sibling = files[0].parent / "tokenizer_config.json"
+    return files + [sibling] if files[0].name == "tokenizer.json" and sibling.exists() else files
+
+
+def _quantize_encoder(checkpoint: Checkpoint, recipe: Recipe, calibration: CalibrationSet | None, out: ShardWriter,
+                      say: Callable[[str], None]):
+    """Sentence encoders (small: loaded whole): round-to-nearest of every linear and the word embedding if the
+    recipe says, after SmoothQuant when the recipe asks for it."""
+    if recipe.algorithm not in ("rtn", "mse", "smoothquant") or recipe.activations is ActivationScheme.STATIC_INT8:
+        raise UnsupportedError(f"recipe {recipe.name}: sentence encoders take rtn, mse or smoothquant recipes "
+                               f"without static activations, e.g. embedding-int8")
     model = load_model(checkpoint)
-    tensors, stats, plans = {}, {}, {}
+    multipliers = _encoder_smoothing(model, recipe, calibration) if recipe.algorithm == "smoothquant" else {}
+    stats, plans = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             scheme, note = recipe.scheme_for(name, module.in_features)
@@ -147,17 +159,59 @@ def _quantize_encoder(checkpoint: Checkpoint, recipe: Recipe, say: Callable[[str
         if scheme is None:
             continue
         weight = module.weight.detach()
-        clip = mse_clip_search(weight, scheme, grid=recipe.mse.grid) if recipe.algorithm == "mse" else None
-        quantized = rtn_quantize(weight, scheme, clip_ratio=clip)
-        tensors.update(layer_tensors(name, quantized, scheme))
+        multiplier = multipliers.get(name)
+        smoothed = weight / multiplier if multiplier is not None else weight
+        clip = mse_clip_search(smoothed, scheme, grid=recipe.mse.grid) if recipe.algorithm == "mse" else None
+        quantized = rtn_quantize(smoothed, scheme, clip_ratio=clip)
+        out.update(layer_tensors(name, quantized, scheme, input_multiplier=multiplier))
         stats[name] = {"scheme": scheme.to_dict(), "algorithm": recipe.algorithm,
                        "activations": "none" if name.startswith("embeddings") else recipe.activations.value,
-                       "weight_sqnr_db": sqnr_db(weight, dequantize(*quantized))}
+                       "weight_sqnr_db": sqnr_db(smoothed, dequantize(*quantized))}
     for name, tensor in model.state_dict().items():
         if name.removesuffix(".weight") not in stats:
-            tensors[name] = tensor.detach().clone()
-    say(f"quantized {len(stats)} layers of the {checkpoint.architecture} encoder")
-    return tensors, stats, plans
+            out[name] = tensor.detach().clone()
+    say(f"quantized {len(stats)} layers of the {checkpoint.architecture} encoder"
+        + (f", {len(multipliers)} smoothed (alpha {recipe.smoothquant.alpha})" if multipliers else ""))
+    return stats, plans
+
+
+def _encoder_smoothing(model: torch.nn.Module, recipe: Recipe, calibration: CalibrationSet) -> dict[str, torch.Tensor]:
+    """SmoothQuant for a post-norm encoder: linear name -> input multiplier 1/s.
+
+    In BERT a LayerNorm's output feeds the residual stream as well as the next linears, so s cannot be
+    folded into it exactly; the linears keep 1/s as an explicit per-channel multiply (one cheap op).
+    Linears that read the same tensor (query/key/value) share one s, from their weights together."""
+    absmax: dict[str, torch.Tensor] = {}
+    readers: dict[int, list[str]] = {}  # id of an input tensor of the first batch -> the linears reading it
+    first_batch: list[torch.Tensor] = []  # keeps those tensors alive, so no id is reused
+    grouped: set[str] = set()
+
+    def observe(name):
+        def hook(module, args):
+            x = args[0].detach()
+            channel_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)
+            absmax[name] = torch.maximum(absmax[name], channel_max) if name in absmax else channel_max
+            if name not in grouped:
+                grouped.add(name)
+                readers.setdefault(id(args[0]), []).append(name)
+                first_batch.append(args[0])
+        return hook
+
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    handles = [module.register_forward_pre_hook(observe(name)) for name, module in linears.items()]
+    try:
+        with torch.no_grad():
+            for batch in calibration.tokens.split(BATCH):
+                model(batch, torch.ones_like(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    multipliers = {}
+    for names in readers.values():
+        scales = smoothquant_scales(absmax[names[0]], [linears[n].weight for n in names],
+                                    alpha=recipe.smoothquant.alpha)
+        multipliers.update(dict.fromkeys(names, 1 / scales))
+    return multipliers
 
 
 def _version(package: str) -> str | None:
@@ -168,22 +222,23 @@ def _version(package: str) -> str | None:
 
 
 class _BlockQuantizer:
-    """Holds the calibration hidden states and walks the blocks; the quantized tensors collect in ``out``."""
+    """Holds the calibration hidden states and walks the blocks; finished tensors go to ``out`` as they come."""
 
     def __init__(self, checkpoint: Checkpoint, recipe: Recipe, plans: dict[str, LayerPlan],
-                 calibration: CalibrationSet | None):
+                 calibration: CalibrationSet | None, out: ShardWriter):
         self.checkpoint, self.recipe, self.plans = checkpoint, recipe, plans
         self.config: LlamaConfig = checkpoint.config
         self.algorithm = recipe.algorithm
         self.activations = recipe.activations
-        self.out: dict[str, torch.Tensor] = {}
+        self.out = out
         self.stats: dict[str, dict] = {}
         tokens = calibration.tokens if calibration is not None else None
         self.batches = list(tokens.split(BATCH)) if tokens is not None else []
         seq_len = tokens.shape[1] if tokens is not None else 1
         self.cos, self.sin = rope_tables(self.config, seq_len)
 
-    def run(self, say: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    def run(self, say: Callable[[str], None]) -> dict[str, dict]:
+        """Quantize everything; returns the per-layer stats."""
         embedding = self.checkpoint.tensors.stored("tok_embeddings.weight")  # 128k rows: stay bf16, chunk to fp32
         hidden = [F.embedding(batch, embedding).float() for batch in self.batches]
         self._quantize_embedding(embedding)
@@ -200,7 +255,7 @@ class _BlockQuantizer:
         with torch.no_grad():
             self._quantize_head(hidden)
         say(f"[head] output {_error_text(self.stats.get('output'))} rel.err")
-        return self.out, self.stats
+        return self.stats
 
     # -- pieces ---------------------------------------------------------------------------------
 

@@ -14,10 +14,15 @@ from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, WeightS
 
 
 class QuantizedLinear(nn.Module):
-    """y = act_q(x) @ dequant(qdata, scale, zero_point)ᵀ, activations as the scheme says."""
+    """y = act_q(x · m) @ dequant(qdata, scale, zero_point)ᵀ, activations as the scheme says.
+
+    ``input_multiplier`` m [in] (optional) is SmoothQuant's 1/s where no preceding op could absorb it:
+    the weight was multiplied by s before rounding, so x·m has its outlier channels tamed before quantizing.
+    """
 
     def __init__(self, weight: QuantizedWeight, scheme: WeightScheme, activations: ActivationScheme,
-                 input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None):
+                 input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
+                 input_multiplier: torch.Tensor | None = None):
         super().__init__()
         self.scheme, self.activations = scheme, activations
         self.out_features, self.in_features = weight.qdata.shape
@@ -25,6 +30,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", weight.scale)
         self.register_buffer("zero_point", weight.zero_point)
         self.register_buffer("bias", bias)
+        self.register_buffer("input_multiplier", input_multiplier)
         if activations is ActivationScheme.STATIC_INT8:
             self.register_buffer("input_scale", input_qparams[0])
             self.register_buffer("input_zero_point", input_qparams[1])
@@ -33,6 +39,8 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.qdata, self.scale, self.zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_multiplier is not None:
+            x = x * self.input_multiplier
         if self.activations is ActivationScheme.DYNAMIC_INT8:
             x = quantize_activations_per_token(x)
         elif self.activations is ActivationScheme.STATIC_INT8:

@@ -91,12 +91,12 @@ def describe_model(path: str | Path) -> ModelInfo:
                          source=source, warnings=warnings)
     if manifest.get("kind") == QUANTIZED_KIND:
         from edgeforge.export.targets import scheme_name
-        from edgeforge.quantize import read_manifest
+        from edgeforge.quantize import read_manifest, weight_files
 
         manifest = read_manifest(path)
         config = LlamaConfig.from_dict(manifest["config"])
         return _eager_info(path, config, scheme_name(manifest), format="edgeforge", layers=manifest["layers"],
-                           size_bytes=(path / "model.safetensors").stat().st_size,
+                           size_bytes=sum(f.stat().st_size for f in weight_files(path)),
                            source=Path(manifest["source"]["path"]))
     from edgeforge.checkpoints import open_checkpoint
 
@@ -126,7 +126,7 @@ def _source_layers(source: Path, scheme: str) -> tuple[dict | None, str]:
     if scheme == "fp32":
         return None, "fp32 parameters"
     try:
-        from edgeforge.quantize import read_manifest
+        from edgeforge.quantize import read_manifest, weight_files
 
         return read_manifest(source)["layers"], f"scheme-implied from the source checkpoint's layers ({source})"
     except (InputError, OSError):
