@@ -253,11 +253,26 @@ def test_export_refuses_a_scheme_the_target_does_not_run_and_names_one_that_does
     assert not (tmp_path / "out").exists()
 
 
-def test_unsupported_pte_backend_is_refused_before_exporting(tiny_llama, tmp_path):
-    coreml = Target(name="coreml", format="pte", backend="coreml", schemes=("fp32",), memory_budget_mb=1, latency="")
-    with pytest.raises(UnsupportedError, match="backend 'coreml'.*supported: xnnpack"):
-        export(tiny_llama("fp32"), coreml, tmp_path / "out")
+def test_unsupported_pte_backends_are_refused_before_exporting(tiny_llama, tmp_path):
+    npu = Target(name="npu", format="pte", backend="vendor-npu", schemes=("fp32",), memory_budget_mb=1, latency="")
+    with pytest.raises(UnsupportedError, match="backend 'vendor-npu'.*supported: xnnpack, coreml"):
+        export(tiny_llama("fp32"), npu, tmp_path / "out")
+    with pytest.raises(UnsupportedError, match="CoreML delegate takes edgeforge's sentence encoders only.*"
+                                               "ios-arm64-xnnpack"):
+        export(tiny_llama("fp32"), "ios-coreml", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_ios_coreml_encoder_is_lowered_whole_and_refuses_to_run_here(minilm_dir, tmp_path):
+    """CoreML lowers ahead of time on Linux (coremltools) but executes on Apple devices only: the artifact is
+    written with its guard marked as not run, and verify/bench refuse it instead of guessing."""
+    artifact = export(minilm_dir, "ios-coreml", tmp_path / "coreml")
+    report = artifact.manifest["report"]
+    assert artifact.manifest["guard"] is None and artifact.manifest["target"]["runs_here"] is False
+    assert report["ops_outside_delegate"] == {} and report["delegated_parameter_share"] == 1.0
+    assert 1.9 < report["bytes_per_parameter"] < 2.1  # an fp16 ML program inside the .pte, not fp32 weights
+    with pytest.raises(UnsupportedError, match="ios-coreml cannot run here: on Apple devices only"):
+        artifact.open()
 
 
 def test_decoder_session_refuses_positions_outside_the_cache(tiny_fp32_artifact):

@@ -35,3 +35,49 @@ def test_truncated_llama2c_tokenizer_names_the_file(tmp_path):
     broken.write_bytes((STORIES / "tok512.bin").read_bytes()[:3000])
     with pytest.raises(InputError, match=r"tok512\.bin: truncated llama2\.c tokenizer"):
         ScoredBPETokenizer.from_llama2c(broken, 512)
+
+
+def _word_level_dir(directory, generation_config: str | None):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory.mkdir()
+    tokenizer = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<eot>": 2, "a": 3, "<unk>": 4}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    if generation_config is not None:
+        (directory / "generation_config.json").write_text(generation_config)
+    return directory
+
+
+def test_several_end_of_sequence_ids_reach_the_pte_metadata_and_genai_config(tmp_path):
+    """Llama 3 instruct stops at <|end_of_text|>, <|eom_id|> or <|eot_id|>: generation_config.json lists them."""
+    import json
+    from types import SimpleNamespace
+
+    from edgeforge.checkpoints.tokenizers import HFTokenizer, tokenizer_files
+    from edgeforge.export.executorch import runner_metadata
+    from edgeforge.export.onnx import write_genai_files
+    from edgeforge.models.llama import LlamaConfig
+
+    directory = _word_level_dir(tmp_path / "tok", '{"eos_token_id": [2, 1]}')
+    tokenizer = HFTokenizer.from_dir(directory)
+    assert tokenizer.eos_id == 1 and tokenizer.eos_ids == (1, 2)
+    assert [f.name for f in tokenizer_files(tokenizer)] == ["tokenizer.json", "tokenizer_config.json",
+                                                            "generation_config.json"]
+    config = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=5, hidden_dim=64, max_seq_len=16)
+    source = SimpleNamespace(config=config, tokenizer=tokenizer, tokenizer_files=tokenizer_files(tokenizer))
+    assert runner_metadata(source, max_seq_len=16)["get_eos_ids"] == [1, 2]
+    write_genai_files(source, tmp_path, max_seq_len=16)
+    model = json.loads((tmp_path / "genai_config.json").read_text())["model"]
+    assert model["eos_token_id"] == [1, 2] and model["pad_token_id"] == 1
+    assert HFTokenizer.from_dir(_word_level_dir(tmp_path / "one", '{"eos_token_id": 1}')).eos_ids == (1,)
+
+
+def test_a_malformed_generation_config_names_the_file(tmp_path):
+    with pytest.raises(InputError, match=r"generation_config.json.*eos_token_id must be an integer or a list"):
+        from edgeforge.checkpoints.tokenizers import HFTokenizer
+
+        HFTokenizer.from_dir(_word_level_dir(tmp_path / "tok", '{"eos_token_id": "</s>"}'))

@@ -16,6 +16,9 @@ from typing import Protocol
 from edgeforge.errors import InputError
 
 
+GENERATION_CONFIG = "generation_config.json"  # Hugging Face: where several end-of-sequence ids are listed
+
+
 class Tokenizer(Protocol):
     kind: str
     vocab_size: int
@@ -37,12 +40,15 @@ class HFTokenizer:
     kind = "hf-tokenizer.json"
 
     def __init__(self, tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, add_bos: bool = True, source: Path | None = None):
+                 pad_token: str | None = None, add_bos: bool = True, source: Path | None = None,
+                 extra_eos_ids: tuple[int, ...] = ()):
         self._tok = tokenizer
         self.source, self.add_bos = source, add_bos  # add_bos: whether encode(bos=True) adds BOS
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        # generation stops at any of these (Llama 3 instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>)
+        self.eos_ids = tuple(dict.fromkeys(([self.eos_id] if self.eos_id is not None else []) + list(extra_eos_ids)))
         padding = tokenizer.padding  # the file's padding settings, if any, name the pad id
         self.pad_id = padding["pad_id"] if padding else (tokenizer.token_to_id(pad_token) if pad_token else None)
         tokenizer.no_padding()
@@ -66,7 +72,8 @@ class HFTokenizer:
                 raise InputError(f"cannot read tokenizer config: {exc}", path=config_path) from exc
         return cls(tok, bos_token=_token_text(special.get("bos_token")),
                    eos_token=_token_text(special.get("eos_token")),
-                   pad_token=_token_text(special.get("pad_token")), source=path)
+                   pad_token=_token_text(special.get("pad_token")), source=path,
+                   extra_eos_ids=_generation_eos_ids(directory / GENERATION_CONFIG))
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         bos = bos and self.add_bos
@@ -233,6 +240,41 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror}", path=path) from exc
+
+
+def _generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` (an int or a list) of a Hugging Face generation_config.json, if there is one."""
+    if not path.exists():
+        return ()
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, OSError, AttributeError) as exc:
+        raise InputError(f"cannot read generation config: {exc}", path=path) from exc
+    ids = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InputError(f"eos_token_id must be an integer or a list of integers, got {value!r}", path=path)
+    return tuple(ids)
+
+
+def tokenizer_files(tokenizer) -> list[Path]:
+    """The tokenizer's own file, and beside a tokenizer.json the configs that travel with it."""
+    source = getattr(tokenizer, "source", None)
+    if source is None or not Path(source).is_file():
+        return []
+    source = Path(source)
+    if source.name != "tokenizer.json":
+        return [source]
+    siblings = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt", GENERATION_CONFIG)
+    return [source, *(source.parent / name for name in siblings if (source.parent / name).exists())]
+
+
+def end_of_sequence_ids(tokenizer) -> list[int]:
+    """Every id that ends generation: a tokenizer's ``eos_ids`` if it has several, else its ``eos_id``."""
+    ids = getattr(tokenizer, "eos_ids", None)
+    if ids:
+        return list(ids)
+    eos_id = getattr(tokenizer, "eos_id", None)
+    return [] if eos_id is None else [eos_id]
 
 
 def find_tokenizer(directory: Path, *, vocab_size: int | None = None):

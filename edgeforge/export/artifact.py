@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from edgeforge.errors import InputError, UnknownNameError
+from edgeforge.errors import InputError, UnknownNameError, UnsupportedError
 from edgeforge.fileio import read_json
 
 MANIFEST = "edgeforge.json"
@@ -79,6 +79,10 @@ class Artifact:
         return self.path / self.manifest["report"]["model_file"]
 
     def open(self) -> Session:
+        target = self.manifest["target"]
+        if not target.get("runs_here", True):
+            raise UnsupportedError(f"artifacts for target {target['name']} cannot run here: {target['latency']}",
+                                   path=self.path)
         return exporter_for(self.format).open(self.path, self.manifest)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeforge.checkpoints.tokenizers import end_of_sequence_ids
 from edgeforge.errors import InputError, RuntimeFailure, UnsupportedError
 from edgeforge.export.artifact import register_exporter
 
@@ -226,8 +227,8 @@ def runner_metadata(source, *, max_seq_len: int) -> dict:
                 "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True}
     if tokenizer is not None and tokenizer.bos_id is not None:
         metadata["get_bos_id"] = tokenizer.bos_id
-    if tokenizer is not None and tokenizer.eos_id is not None:
-        metadata["get_eos_ids"] = [tokenizer.eos_id]
+    if end_of_sequence_ids(tokenizer):
+        metadata["get_eos_ids"] = end_of_sequence_ids(tokenizer)
     return metadata
 
 
@@ -248,11 +249,31 @@ def lower(program, *, backend: str, metadata: dict | None = None):
 
 
 def partitioner(backend: str):
-    if backend != "xnnpack":
-        raise UnsupportedError(f"backend {backend!r} has no ExecuTorch lowering in edgeforge (supported: xnnpack)")
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    """The ExecuTorch partitioner of ``backend``: XNNPACK, or CoreML (fp16 ML program, iOS 17+; lowered here by
+    coremltools, compiled and run on Apple devices only)."""
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    return XnnpackPartitioner()
+        return XnnpackPartitioner()
+    if backend == "coreml":
+        import coremltools
+        from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+        specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=coremltools.target.iOS17,
+                                                     compute_precision=coremltools.precision.FLOAT16)
+        return CoreMLPartitioner(compile_specs=specs)
+    raise UnsupportedError(f"backend {backend!r} has no ExecuTorch lowering in edgeforge (supported: xnnpack, coreml)")
+
+
+def _check_backend(backend: str, architecture: str) -> None:
+    """Refuse before the slow steps what a backend cannot take."""
+    if backend == "coreml" and architecture != "bert":
+        raise UnsupportedError("the CoreML delegate takes edgeforge's sentence encoders only: the decoder graph's "
+                               "KV-cache ops (llama.update_cache/custom_sdpa, dynamic positions) have no CoreML "
+                               "lowering; for iOS export decoders with target ios-arm64-xnnpack")
+    if backend not in ("xnnpack", "coreml"):
+        partitioner(backend)
 
 
 def delegation_report(program) -> dict:
@@ -306,7 +327,7 @@ class ExecuTorchExporter:
     def export(self, source, target, out_dir: Path, *, max_seq_len: int) -> dict:
         from importlib.metadata import version
 
-        partitioner(target.backend)  # an unsupported backend fails before the slow steps
+        _check_backend(target.backend, source.architecture)
         program = export_program(source, max_seq_len=max_seq_len)
         metadata = runner_metadata(source, max_seq_len=max_seq_len) if source.architecture == "llama" else None
         executorch_program = lower(program, backend=target.backend, metadata=metadata)

@@ -171,12 +171,14 @@ def _cpu_kernel_check(model):
 
 def write_genai_files(source, out_dir: Path, *, max_seq_len: int) -> dict:
     """genai_config.json, and tokenizer.json when the checkpoint's tokenizer is not one already."""
+    from edgeforge.checkpoints.tokenizers import end_of_sequence_ids
     from edgeforge.export.onnx_genai import genai_config, write_tokenizer_json
     from edgeforge.fileio import write_json_atomic
 
     tokenizer = source.tokenizer
     bos_id = getattr(tokenizer, "bos_id", None)
-    eos_id = getattr(tokenizer, "eos_id", None)
+    eos_ids = end_of_sequence_ids(tokenizer)
+    eos_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids or None  # genai_config takes an int or a list
     write_json_atomic(out_dir / GENAI_CONFIG, genai_config(source.config, max_seq_len=max_seq_len,
                                                            model_file=MODEL_FILE, bos_id=bos_id, eos_id=eos_id,
                                                            pad_id=getattr(tokenizer, "pad_id", None)))

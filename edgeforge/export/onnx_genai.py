@@ -19,9 +19,9 @@ SPIECE_SPACE = "\u2581"
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6  # SentencePiece piece types
 
 
-def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | None, eos_id: int | None,
+def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | None, eos_id: int | list[int] | None,
                  pad_id: int | None) -> dict:
-    """The genai_config.json of a decoder artifact (greedy search by default)."""
+    """The genai_config.json of a decoder artifact (greedy search by default; ``eos_id`` may list several)."""
     return {
         "model": {
             "bos_token_id": bos_id,
@@ -41,7 +41,8 @@ def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | Non
                 "num_key_value_heads": config.n_kv_heads,
             },
             "eos_token_id": eos_id,
-            "pad_token_id": pad_id if pad_id is not None else (eos_id if eos_id is not None else 0),
+            "pad_token_id": pad_id if pad_id is not None else (eos_id if isinstance(eos_id, int) else
+                                                                 eos_id[0] if eos_id else 0),
             "type": "llama",
             "vocab_size": config.vocab_size,
         },

@@ -27,17 +27,14 @@ class ExportSource:
 
 def open_source(path: str | Path) -> ExportSource:
     """Open a checkpoint (exported in fp32) or an edgeforge quantized checkpoint (exported as quantized)."""
+    from edgeforge.checkpoints.tokenizers import tokenizer_files
     from edgeforge.quantize import load_quantized_model, read_manifest
 
     checkpoint: Checkpoint = open_checkpoint(path)
     manifest = read_manifest(checkpoint.path) if checkpoint.format == "edgeforge" else None
     model = load_quantized_model(checkpoint.path) if manifest else load_model(checkpoint)
     tokenizer = checkpoint.tokenizer
-    files = []
-    if tokenizer is not None and getattr(tokenizer, "source", None):
-        source = Path(tokenizer.source)
-        files = [source] + [source.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-                            if (source.parent / n).exists() and source.name == "tokenizer.json"]
+    files = tokenizer_files(tokenizer)
     return ExportSource(path=checkpoint.path, architecture=checkpoint.architecture, config=checkpoint.config,
                         model=model, tokenizer=tokenizer, tokenizer_files=files, scheme=scheme_name(manifest),
                         manifest=manifest, sha256=checkpoint.content_hash())

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from edgeforge import __version__
 from edgeforge.checkpoints import Checkpoint, load_model
+from edgeforge.checkpoints.tokenizers import tokenizer_files
 from edgeforge.errors import ConfigError, UnsupportedError
 from edgeforge.fileio import atomic_directory
 from edgeforge.models.llama import LlamaConfig, RMSNorm, TransformerBlock, rope_tables
@@ -124,18 +125,8 @@ def quantize_checkpoint(checkpoint: Checkpoint, recipe: Recipe, *, calibration: 
         }
         save_quantized(tmp, manifest=manifest,
                        fingerprints=calibration.document_fingerprints if calibration is not None else None,
-                       tokenizer_files=_tokenizer_files(checkpoint))
+                       tokenizer_files=tokenizer_files(checkpoint.tokenizer))
     return QuantizeResult(Path(output_dir), manifest, time.perf_counter() - start)
-
-
-def _tokenizer_files(checkpoint: Checkpoint) -> list[Path]:
-    """The source's tokenizer file (and tokenizer_config.json beside a tokenizer.json), copied to the output."""
-    source = getattr(checkpoint.tokenizer, "source", None)
-    if source is None or not Path(source).is_file():
-        return []
-    files = [Path(source)]
-    sibling = files[0].parent / "tokenizer_config.json"
-    return files + [sibling] if files[0].name == "tokenizer.json" and sibling.exists() else files
 
 
 def _quantize_encoder(checkpoint: Checkpoint, recipe: Recipe, calibration: CalibrationSet | None, out: ShardWriter,
