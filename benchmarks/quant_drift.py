@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import subprocess
@@ -155,6 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from edgeforge.checkpoints import DEFAULT_CHECKPOINT, load_model, open_checkpoint
+    from edgeforge.fileio import write_json_atomic
     from edgeforge.quantize.calibration import build_calibration
 
     log = lambda message: print(message, file=sys.stderr, flush=True)
@@ -185,8 +185,7 @@ def main(argv=None) -> int:
               "provenance": provenance(), "fp32": fp32, "results": results}
     print(render(record))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(args.json, record)
     return 0
 
 

@@ -28,6 +28,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgeforge.fileio import write_json_atomic  # light: no torch in this parent process
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TINYSTORIES = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.txt"
@@ -77,12 +79,8 @@ def run_once(command: list[str], stdout_path: Path) -> tuple[float, int, int]:
 
 def append_result(record: dict, path: Path) -> None:
     """Append to the JSON list at ``path`` (temp file + rename, so a crash never truncates it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     records = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else []
-    records.append(record)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(records, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, [*records, record])
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -149,8 +147,7 @@ def main(argv=None) -> int:
         append_result(record, args.results)
         print(f"appended to {args.results}", file=sys.stderr)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(args.json, record)
     return 0
 
 

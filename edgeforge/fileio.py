@@ -32,7 +32,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, record: dict) -> None:
+def write_json_atomic(path: str | Path, record: dict | list) -> None:
     write_text_atomic(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
 
 
