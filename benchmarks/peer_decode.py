@@ -13,9 +13,10 @@ Steps (benchmarks/README.md, "peer_decode.py", has them in full; everything land
 
 Every artifact runs in the same runtime, from this (edgeforge's) venv:
 - .pte: ExecuTorch's LLM runner (``executorch.extension.llm.runner.TextLLMRunner``), greedy
-  (temperature 0), ``max_new_tokens`` = N. decode ms/token = (inference_end - prompt_eval_end) /
-  (generated - 1) from the runner's own Stats (integer ms); the same figure from ``perf_counter``
-  stamps taken in the token callback is recorded beside it. The prompt goes in as text (the runner
+  (temperature 0), ``max_new_tokens`` = N: the first token comes from the prefill, then its decode loop
+  runs N - 1 forwards, which its Stats count as ``num_generated_tokens``. decode ms/token =
+  (inference_end_ms - prompt_eval_end_ms) / num_generated_tokens, the runner's own figure (integer ms
+  stamps); the same from ``perf_counter`` stamps taken in the token callback is recorded beside it. The prompt goes in as text (the runner
   tokenizes it with the tokenizer.json beside the .pte); the record says how many tokens the runner counted.
 - ONNX: onnxruntime-genai's ``Generator``, greedy, ``max_length`` 512 (the .pte programs' static cache),
   ``min_length`` = prompt + N so EOS cannot end a run. After ``append_tokens(prompt ids)`` (the prefill),
@@ -58,6 +59,14 @@ ARTIFACTS = [
     ("edgeforge ONNX", "onnx", WORK / "smol-135m-8da4w.onnx-cpu", "edgeforge export --target onnx-cpu", None),
     ("ORT-genai builder ONNX", "onnx", WORK / "peer-ortgenai-int4", "onnxruntime_genai.models.builder", None),
 ]
+# --diagnostic: edgeforge with the output projection at 4 bits g32 (as both peers do; the int4-xnnpack recipe
+# keeps it at 8 bits per channel): quantized with benchmarks/peers/int4-xnnpack-out4.toml, same exports.
+DIAGNOSTIC = [
+    ("edgeforge .pte, output 4-bit", "pte", WORK / "smol-135m-8da4w-out4.host", "edgeforge export --target host", None),
+    ("edgeforge ONNX, output 4-bit", "onnx", WORK / "smol-135m-8da4w-out4.onnx-cpu", "edgeforge export --target onnx-cpu",
+     None),
+]
+BASELINES = {"pte": "edgeforge .pte", "onnx": "edgeforge ONNX"}
 PEER_RUNTIME = ("optimum-executorch .pte (peer ET)", "pte", WORK / "peer-optimum-8da4w",
                 "optimum-cli export executorch", WORK / "venv-optimum-executorch" / "bin" / "python")
 
@@ -109,22 +118,28 @@ class PteRunner:
 
         def on_stats(s) -> None:
             stats.update(json.loads(s.to_json_string()))
+            stats.update({name: getattr(s, name) for name in (
+                "num_prompt_tokens", "num_generated_tokens", "inference_start_ms", "token_encode_end_ms",
+                "prompt_eval_end_ms", "first_token_ms", "inference_end_ms", "aggregate_sampling_time_ms")})
 
         self.runner.reset()
         config = self.GenerationConfig(echo=False, max_new_tokens=decode_tokens, temperature=0.0, seq_len=MAX_LENGTH)
         start = time.perf_counter()
         self.runner.generate(prompt, config, on_token, on_stats)
         wall = time.perf_counter() - start
-        generated = int(stats.get("generated_tokens", len(stamps)))
-        decode_ms = stats.get("inference_end_ms", 0) - stats.get("prompt_evaluation_end_ms", 0)
+        # Stats count as "generated" the tokens of the decode loop, each one forward + pick; the first new
+        # token (picked from the prefill's logits, stamped prompt_eval_end_ms) is not among them.
+        forwards = int(stats["num_generated_tokens"])
+        decode_ms = stats["inference_end_ms"] - stats["prompt_eval_end_ms"]
         return {
-            "prompt_tokens": int(stats.get("prompt_tokens", -1)),
-            "generated_tokens": generated,
-            "decode_forwards": generated - 1,
-            "decode_ms_per_token": decode_ms / max(generated - 1, 1),
-            "decode_ms_per_token_callback": (stamps[-1] - stamps[0]) * 1e3 / max(len(stamps) - 1, 1)
+            "prompt_tokens": int(stats["num_prompt_tokens"]),
+            "generated_tokens": forwards + 1,
+            "decode_forwards": forwards,
+            "decode_ms_per_token": decode_ms / max(forwards, 1),
+            "decode_ms_per_token_callback": (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1)
             if len(stamps) > 1 else None,
-            "prefill_ms": stats.get("prompt_evaluation_end_ms", 0) - stats.get("inference_start_ms", 0),
+            "callbacks": len(stamps),
+            "prefill_ms": stats["prompt_eval_end_ms"] - stats["inference_start_ms"],  # tokenizing included
             "wall_s": wall,
             "runner_stats": stats,
         }
@@ -358,17 +373,26 @@ def peer_versions() -> dict:
     return out
 
 
-def format_table(results: list[dict], sizes: dict) -> str:
-    lines = ["| artifact | threads | decode ms/token (median) | IQR | tok/s | n | vs edgeforge same format | model MiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    ours = {(r["kind"], r["threads"]): r["decode_ms_per_token"]["median"]
-            for r in results if r["artifact"].startswith("edgeforge")}
+def add_paired_ratios(results: list[dict]) -> None:
+    """For each other row: edgeforge's speed over this row's (this ms / edgeforge ms, same format and
+    threads), per round (the rounds interleave the artifacts), median + IQR. Above 1: edgeforge is faster."""
+    ours = {(r["kind"], r["threads"]): r for r in results if r["artifact"] == BASELINES[r["kind"]]}
     for r in results:
-        d = r["decode_ms_per_token"]
         base = ours.get((r["kind"], r["threads"]))
-        ratio = "-" if r["artifact"].startswith("edgeforge") or not base else f"edgeforge is {d['median'] / base:.2f}x its speed"
+        if base is None or base is r:
+            continue
+        pairs = [p["decode_ms_per_token"] / o["decode_ms_per_token"] for p, o in zip(r["samples"], base["samples"])]
+        r["edgeforge_speed_ratio"] = spread(pairs) | {"against": base["artifact"]}
+
+
+def format_table(results: list[dict], sizes: dict) -> str:
+    lines = ["| artifact | threads | decode ms/token, median | IQR | tok/s | n | edgeforge speed / this (IQR) | "
+             "model MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        d, ratio = r["decode_ms_per_token"], r.get("edgeforge_speed_ratio")
+        paired = f"{ratio['median']:.2f} ({ratio['iqr']:.2f})" if ratio else "-"
         lines.append(f"| {r['artifact']} | {r['threads']} | {d['median']:.2f} | {d['iqr']:.2f} | "
-                     f"{1e3 / d['median']:.1f} | {d['n']} | {ratio} | {sizes[r['path']]['model_bytes'] / 2**20:.1f} |")
+                     f"{1e3 / d['median']:.1f} | {d['n']} | {paired} | {sizes[r['path']]['model_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
 
@@ -383,6 +407,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="substrings of artifact names to keep")
     parser.add_argument("--peer-runtime", action="store_true",
                         help="also run optimum's .pte under the peer venv's ExecuTorch")
+    parser.add_argument("--diagnostic", action="store_true",
+                        help="also run edgeforge's artifacts quantized with the output projection at 4 bits")
     parser.add_argument("--json", type=Path, help="write the record here")
     args = parser.parse_args()
     if args.worker:
@@ -390,7 +416,7 @@ def main() -> None:
         return
     args.threads = [int(t) for t in args.threads.split(",")]
 
-    artifacts = list(ARTIFACTS) + ([PEER_RUNTIME] if args.peer_runtime else [])
+    artifacts = list(ARTIFACTS) + (DIAGNOSTIC if args.diagnostic else []) + ([PEER_RUNTIME] if args.peer_runtime else [])
     if args.only:
         artifacts = [a for a in artifacts if any(s.lower() in a[0].lower() for s in args.only)]
     missing = [str(a[2]) for a in artifacts if not a[2].is_dir()] + [str(a[4]) for a in artifacts
@@ -402,6 +428,7 @@ def main() -> None:
     sizes = {str(a[2].relative_to(REPO)): artifact_bytes(a[2]) for a in artifacts}
     started = time.time()
     results = measure(artifacts, args, prompt, ids)
+    add_paired_ratios(results)
 
     from edgeforge.verify.machine import describe_machine
     from edgeforge.verify.verify import provenance
