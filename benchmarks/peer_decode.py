@@ -8,33 +8,47 @@ Steps (benchmarks/README.md, "peer_decode.py", has them in full; everything land
     bash benchmarks/peers/setup.sh       # the peers' own venvs (other transformers pins): never our deps
     bash benchmarks/peers/export.sh      # peer-optimum-8da4w/ and peer-ortgenai-int4/
     edgeforge export benchmarks/work/smol-135m-8da4w --target host --max-seq-len 512 -o benchmarks/work/smol-135m-8da4w.host
-    edgeforge export benchmarks/work/smol-135m-8da4w --target onnx-cpu --max-seq-len 512 -o benchmarks/work/smol-135m-8da4w.onnx-cpu
+    edgeforge export benchmarks/work/smol-135m-8da4w --target onnx-cpu --max-seq-len 512 \
+        -o benchmarks/work/smol-135m-8da4w.onnx-cpu
     python benchmarks/peer_decode.py --json benchmarks/results/peer_decode.json
 
 Every artifact runs in the same runtime, from this (edgeforge's) venv:
 - .pte: ExecuTorch's LLM runner (``executorch.extension.llm.runner.TextLLMRunner``), greedy
   (temperature 0), ``max_new_tokens`` = N: the first token comes from the prefill, then its decode loop
   runs N - 1 forwards, which its Stats count as ``num_generated_tokens``. decode ms/token =
-  (inference_end_ms - prompt_eval_end_ms) / num_generated_tokens, the runner's own figure (integer ms
-  stamps); the same from ``perf_counter`` stamps taken in the token callback is recorded beside it. The prompt goes in as text (the runner
-  tokenizes it with the tokenizer.json beside the .pte); the record says how many tokens the runner counted.
+  (inference_end_ms - prompt_eval_end_ms) / num_generated_tokens, the runner's own figure (integer-ms
+  stamps); the same from ``perf_counter`` stamps taken in the token callback is recorded beside it. The
+  prompt goes in as text (the runner tokenizes it with the tokenizer.json beside the .pte; the record
+  keeps the count it reports); the LLM runner has no ignore-EOS option, so a run that stops early shows
+  up as a note under the table (random weights, greedy: it has not happened).
 - ONNX: onnxruntime-genai's ``Generator``, greedy, ``max_length`` 512 (the .pte programs' static cache),
   ``min_length`` = prompt + N so EOS cannot end a run. After ``append_tokens(prompt ids)`` (the prefill),
   the first ``generate_next_token`` only picks from the prefill's logits; each of the next N - 1 runs
   one decode forward and picks: decode ms/token = their total / (N - 1), timed with ``perf_counter``.
 So in both runtimes a sample is N - 1 single-token forwards + greedy picks after a prefill of P tokens.
 
-Method: each artifact lives in its own worker process (this file with ``--worker``; stdout of native
-code goes to stderr, the worker's log to benchmarks/work/peer_decode-logs/). For each thread count the
-workers load (ExecuTorch: ``_unsafe_reset_threadpool(t)``; onnxruntime-genai: decoder
-``session_options.intra_op_num_threads`` = t, inter-op 1), then ``--warmup`` untimed rounds and
-``--repetitions`` timed rounds run; a round runs every artifact once, in an order that reverses every
-other round (ABCD DCBA ...) so a noisy neighbour slows all of them alike. Figures: median and IQR
-over the rounds. ``--peer-runtime`` also runs optimum's .pte under the peer venv's own ExecuTorch.
+Threads: ExecuTorch's threadpool is sized with ``portable_lib._unsafe_reset_threadpool(t)`` (the LLM
+runner links that same library); onnxruntime-genai gets decoder ``session_options`` intra_op_num_threads
+= t, inter_op 1. Every worker runs with OMP_NUM_THREADS=1 (override: PEER_DECODE_OMP_THREADS): in the
+pip wheels the llama::custom_sdpa kernel calls libtorch's MKL, whose OpenMP threads spin-wait after each
+call and steal a core from XNNPACK's threadpool at t=2 (bimodal 6 / 14 ms runs); ExecuTorch on a device
+has no OpenMP, and onnxruntime does not use it.
+
+Method: each artifact lives in its own worker process (this file with ``--worker``; native code's stdout
+goes to stderr, each worker's to benchmarks/work/peer_decode-logs/). For each thread count the workers
+load, then ``--warmup`` untimed rounds and ``--repetitions`` timed rounds run; a round runs every artifact
+once, in an order that reverses every other round (ABCD DCBA ...) so a noisy neighbour slows all of them
+alike. Figures: median and IQR over the rounds; "speed / peer's" is edgeforge's speed over the peer's of
+the same format, per round (peer ms / edgeforge ms), median and IQR: at least 1 = at least as fast.
+
+Extra rows: ``--peer-runtime`` also runs optimum's .pte under the peer venv's own ExecuTorch;
+``--diagnostic`` also runs edgeforge artifacts quantized with benchmarks/peers/int4-xnnpack-out4.toml
+(the output projection at 4 bits g32 like both peers, instead of the int4-xnnpack recipe's 8 bits per
+channel); make them as in benchmarks/README.md.
 
     python benchmarks/peer_decode.py                         # 1 and 2 threads, 7 rounds, P=64, N=128
     python benchmarks/peer_decode.py -r 3 --threads 2        # quick look
-    python benchmarks/peer_decode.py --peer-runtime --json benchmarks/results/peer_decode.json
+    python benchmarks/peer_decode.py -r 11 --diagnostic --peer-runtime --json benchmarks/results/peer_decode.json
 """
 
 from __future__ import annotations
@@ -66,7 +80,7 @@ DIAGNOSTIC = [
     ("edgeforge ONNX, output 4-bit", "onnx", WORK / "smol-135m-8da4w-out4.onnx-cpu", "edgeforge export --target onnx-cpu",
      None),
 ]
-BASELINES = {"pte": "edgeforge .pte", "onnx": "edgeforge ONNX"}
+PEERS = {"pte": "optimum-executorch .pte", "onnx": "ORT-genai builder ONNX"}  # compared against, same format
 PEER_RUNTIME = ("optimum-executorch .pte (peer ET)", "pte", WORK / "peer-optimum-8da4w",
                 "optimum-cli export executorch", WORK / "venv-optimum-executorch" / "bin" / "python")
 
@@ -251,8 +265,9 @@ class Worker:
         LOGS.mkdir(parents=True, exist_ok=True)
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         self.log_path = LOGS / f"{slug}-t{threads}.log"
-        self.log = open(self.log_path, "w")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+        self.log = open(self.log_path, "w")  # noqa: SIM115  (closed in close(), after the worker exits)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   OMP_NUM_THREADS=os.environ.get("PEER_DECODE_OMP_THREADS", "1"))
         self.process = subprocess.Popen([str(interpreter or sys.executable), str(Path(__file__).resolve()), "--worker"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         env=env, cwd=REPO)
@@ -279,11 +294,11 @@ class Worker:
 
 
 def prompt_for(tokenizer_json: Path, count: int) -> tuple[str, list[int]]:
-    """The longest word prefix of PROMPT_TEXT that encodes to exactly ``count`` tokens (no BOS)."""
+    """The first word prefix of PROMPT_TEXT (repeated as needed) that encodes to exactly ``count`` tokens
+    (no BOS: the checkpoint's tokenizer.json has no post-processor, and the runner adds none)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_json))
-    words = PROMPT_TEXT.split(" ")
     text = PROMPT_TEXT
     while len(tokenizer.encode(text, add_special_tokens=False).ids) < count:
         text = text + " " + PROMPT_TEXT
@@ -296,6 +311,45 @@ def prompt_for(tokenizer_json: Path, count: int) -> tuple[str, list[int]]:
         if len(ids) > count:
             break
     raise SystemExit(f"no word prefix of the prompt text encodes to exactly {count} tokens; pick another count")
+
+
+def describe_graph(kind: str, directory: Path) -> dict:
+    """What the artifact's graph does: for a .pte its methods, delegate calls and the kernels outside the
+    delegate (decode runs them every step); for ONNX its op types, MatMulNBits settings and KV-cache mode."""
+    from collections import Counter
+
+    if kind == "pte":
+        from executorch.exir._serialize._program import deserialize_pte_binary
+
+        program = deserialize_pte_binary(_one(directory, "*.pte").read_bytes())
+        program = getattr(program, "program", program)
+        forward = next(plan for plan in program.execution_plan if plan.name == "forward")
+        outside, delegate_calls = Counter(), 0
+        for chain in forward.chains:
+            for instruction in chain.instructions:
+                args = instruction.instr_args
+                if type(args).__name__ == "KernelCall":
+                    op = forward.operators[args.op_index]
+                    outside[op.name + (f".{op.overload}" if op.overload else "")] += 1
+                elif type(args).__name__ == "DelegateCall":
+                    delegate_calls += 1
+        return {"methods": [plan.name for plan in program.execution_plan], "delegate_calls": delegate_calls,
+                "delegates": sorted({d.id for d in forward.delegates}),
+                "kernels_outside_delegate": dict(sorted(outside.items()))}
+    import onnx
+
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    ops = Counter((f"{n.domain}::" if n.domain else "") + n.op_type for n in model.graph.node)
+    nbits = Counter()
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            nbits[f"bits={attrs.get('bits')} block={attrs.get('block_size')} "
+                  f"accuracy_level={attrs.get('accuracy_level')}"] += 1
+    genai = json.loads((directory / "genai_config.json").read_text())
+    return {"nodes": sum(ops.values()), "op_types": dict(ops.most_common()), "matmulnbits": dict(nbits),
+            "past_present_share_buffer": genai.get("search", {}).get("past_present_share_buffer"),
+            "context_length": genai.get("model", {}).get("context_length")}
 
 
 def spread(samples: list[float]) -> dict:
@@ -313,7 +367,8 @@ def artifact_bytes(directory: Path) -> dict:
 def measure(artifacts: list[tuple], args, prompt: str, ids: list[int]) -> list[dict]:
     results = []
     for threads in args.threads:
-        say(f"--- {threads} thread(s): loading {len(artifacts)} workers ...")
+        load_before = os.getloadavg()
+        say(f"--- {threads} thread(s): loading {len(artifacts)} workers (load average {load_before[0]:.2f}) ...")
         workers, loads = [], []
         try:
             for name, kind, directory, _producer, interpreter in artifacts:
@@ -338,6 +393,8 @@ def measure(artifacts: list[tuple], args, prompt: str, ids: list[int]) -> list[d
         finally:
             for w in workers:
                 w.close()
+        load_after = os.getloadavg()
+        say(f"  load average {load_after[0]:.2f} at the end")
         for (name, kind, directory, producer, interpreter), load, samples in zip(artifacts, loads, runs):
             ms = [r["decode_ms_per_token"] for r in samples]
             callback = [r["decode_ms_per_token_callback"] for r in samples if r["decode_ms_per_token_callback"]]
@@ -345,7 +402,7 @@ def measure(artifacts: list[tuple], args, prompt: str, ids: list[int]) -> list[d
                 "artifact": name, "kind": kind, "path": str(directory.relative_to(REPO)), "producer": producer,
                 "interpreter": str(Path(interpreter).relative_to(REPO)) if interpreter else "edgeforge venv",
                 "threads": threads, "threads_note": load["threads_note"], "runtime_versions": load["versions"],
-                "load_s": load["load_s"],
+                "load_s": load["load_s"], "loadavg_1min_before_after": [load_before[0], load_after[0]],
                 "decode_ms_per_token": spread(ms),
                 "decode_tok_s_median": 1e3 / spread(ms)["median"] if ms else None,
                 "decode_ms_per_token_callback": spread(callback),
@@ -366,30 +423,30 @@ def peer_versions() -> dict:
         python = WORK / venv / "bin" / "python"
         if not python.exists():
             continue
-        code = ("import json; from importlib import metadata as m; print(json.dumps({p: m.version(p) for p in %r}))"
-                % (packages,))
+        code = f"import json; from importlib import metadata as m; print(json.dumps({{p: m.version(p) for p in {packages!r}}}))"
         done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
         out[venv] = json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr.strip()[-300:]}
     return out
 
 
 def add_paired_ratios(results: list[dict]) -> None:
-    """For each other row: edgeforge's speed over this row's (this ms / edgeforge ms, same format and
-    threads), per round (the rounds interleave the artifacts), median + IQR. Above 1: edgeforge is faster."""
-    ours = {(r["kind"], r["threads"]): r for r in results if r["artifact"] == BASELINES[r["kind"]]}
+    """For each edgeforge row: its speed over the peer's of the same format and thread count (peer ms /
+    edgeforge ms), one ratio per round (the rounds interleave the artifacts), median + IQR.
+    At least 1: edgeforge is at least as fast as that peer."""
+    peers = {(r["kind"], r["threads"]): r for r in results if r["artifact"] == PEERS[r["kind"]]}
     for r in results:
-        base = ours.get((r["kind"], r["threads"]))
-        if base is None or base is r:
+        peer = peers.get((r["kind"], r["threads"]))
+        if peer is None or not r["artifact"].startswith("edgeforge"):
             continue
-        pairs = [p["decode_ms_per_token"] / o["decode_ms_per_token"] for p, o in zip(r["samples"], base["samples"])]
-        r["edgeforge_speed_ratio"] = spread(pairs) | {"against": base["artifact"]}
+        pairs = [p["decode_ms_per_token"] / o["decode_ms_per_token"] for p, o in zip(peer["samples"], r["samples"])]
+        r["speed_vs_peer"] = spread(pairs) | {"peer": peer["artifact"]}
 
 
 def format_table(results: list[dict], sizes: dict) -> str:
-    lines = ["| artifact | threads | decode ms/token, median | IQR | tok/s | n | edgeforge speed / this (IQR) | "
-             "model MiB |", "|---|---|---|---|---|---|---|---|"]
+    header = "| artifact | threads | decode ms/token, median | IQR | tok/s | n | speed / peer's, median (IQR) | model MiB |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        d, ratio = r["decode_ms_per_token"], r.get("edgeforge_speed_ratio")
+        d, ratio = r["decode_ms_per_token"], r.get("speed_vs_peer")
         paired = f"{ratio['median']:.2f} ({ratio['iqr']:.2f})" if ratio else "-"
         lines.append(f"| {r['artifact']} | {r['threads']} | {d['median']:.2f} | {d['iqr']:.2f} | "
                      f"{1e3 / d['median']:.1f} | {d['n']} | {paired} | {sizes[r['path']]['model_bytes'] / 2**20:.1f} |")
@@ -426,6 +483,7 @@ def main() -> None:
 
     prompt, ids = prompt_for(WORK / "smol-135m-random" / "tokenizer.json", args.prompt_tokens)
     sizes = {str(a[2].relative_to(REPO)): artifact_bytes(a[2]) for a in artifacts}
+    graphs = {str(a[2].relative_to(REPO)): describe_graph(a[1], a[2]) for a in artifacts}
     started = time.time()
     results = measure(artifacts, args, prompt, ids)
     add_paired_ratios(results)
@@ -443,7 +501,7 @@ def main() -> None:
         "provenance": provenance("pte") | {"onnxruntime_genai": _versions().get("onnxruntime-genai")},
         "machine": vars(describe_machine(threads=max(args.threads))),
         "peer_versions": peer_versions(),
-        "sizes": sizes, "seconds": round(time.time() - started, 1), "results": results,
+        "sizes": sizes, "graphs": graphs, "seconds": round(time.time() - started, 1), "results": results,
     }
     print(format_table(results, sizes))
     for r in results:
