@@ -64,7 +64,8 @@ class OnnxExporter:
         if source.architecture not in builders:
             raise UnsupportedError(f"no ONNX graph for architecture {source.architecture!r} "
                                    f"(supported: {', '.join(builders)})")
-        graph = builders[source.architecture](source.model.eval(), max_seq_len=max_seq_len)
+        options = {"fused_attention": target.backend == "cpu"} if source.architecture == "llama" else {}
+        graph = builders[source.architecture](source.model.eval(), max_seq_len=max_seq_len, **options)
         metadata = {"edgeforge.scheme": source.scheme, "edgeforge.architecture": source.architecture}
         model = save_model(graph, Path(out_dir) / MODEL_FILE, metadata=metadata)
         external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)

@@ -26,7 +26,7 @@ from torch import nn
 
 from edgeforge.errors import UnsupportedError
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear
-from edgeforge.quantize.scheme import ActivationScheme, pack_int4
+from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, pack_int4
 
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is the IR of opset 21
@@ -92,11 +92,20 @@ class GraphBuilder:
         return name
 
     def add_output(self, source: str, name: str, elem_type: int, shape: list) -> None:
-        """Expose ``source`` as the graph output ``name`` (through Identity)."""
+        """Expose ``source`` as the graph output ``name``: the node computing it writes ``name`` directly (an
+        Identity would copy it on every run: the whole KV cache, for present key/values)."""
         from onnx import helper
 
         self._used.add(name)
-        self.nodes.append(helper.make_node("Identity", [source], [name], name=f"{name}/Identity"))
+        producers = [node for node in self.nodes if source in node.output]
+        if producers and source not in {o.name for o in self.outputs}:
+            for node in self.nodes:
+                for field in (node.input, node.output):
+                    for index, tensor in enumerate(field):
+                        if tensor == source:
+                            field[index] = name
+        else:  # a graph input, or a tensor already exposed under another name
+            self.nodes.append(helper.make_node("Identity", [source], [name], name=f"{name}/Identity"))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def model(self, *, producer: str, metadata: dict[str, str], external_data: Path | None = None,
@@ -180,6 +189,34 @@ def _quantized_linear(g: GraphBuilder, x: str, module: QuantizedLinear, name: st
 
 
 _LINEARS = {nn.Linear: _float_linear, QuantizedLinear: _quantized_linear}
+
+
+def linears_on_one_input(g: GraphBuilder, x: str, modules: list[nn.Module], name: str) -> list[str]:
+    """``[m(x) for m in modules]`` as one matmul split along its outputs where the layers can be stacked (same
+    type and scheme, no static or smoothing input parameters): one weight read and, with int8 activations,
+    one quantization of x instead of one per layer. Otherwise one matmul each."""
+    stacked = _stack_rows(modules)
+    if stacked is None:
+        return [linear(g, x, module, f"{name}.{index}") for index, module in enumerate(modules)]
+    sizes = [module.weight.shape[0] if isinstance(module, nn.Linear) else module.qdata.shape[0] for module in modules]
+    return g.op("Split", [linear(g, x, stacked, name), g.constant(sizes)], name=name, outputs=len(modules), axis=-1)
+
+
+def _stack_rows(modules: list[nn.Module]) -> nn.Module | None:
+    first = modules[0]
+    if any(type(m) is not type(first) for m in modules) or any(getattr(m, "bias", None) is not None for m in modules):
+        return None
+    if isinstance(first, nn.Linear):
+        stacked = nn.Linear(first.in_features, sum(m.out_features for m in modules), bias=False)
+        stacked.weight = nn.Parameter(torch.cat([m.weight.detach() for m in modules]), requires_grad=False)
+        return stacked
+    if not isinstance(first, QuantizedLinear) or any(
+            m.scheme != first.scheme or m.activations != first.activations or m.scale.shape[1] != first.scale.shape[1]
+            or m.activations is ActivationScheme.STATIC_INT8 or m.input_multiplier is not None for m in modules):
+        return None
+    zero_points = None if first.zero_point is None else torch.cat([m.zero_point for m in modules])
+    weight = QuantizedWeight(torch.cat([m.qdata for m in modules]), torch.cat([m.scale for m in modules]), zero_points)
+    return QuantizedLinear(weight, first.scheme, first.activations)
 
 
 def nbits_block_size(module: QuantizedLinear, name: str, *, accuracy_level: int) -> int:

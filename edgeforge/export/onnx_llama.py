@@ -7,11 +7,16 @@
     outputs  logits [batch, sequence_length, vocab] float32
              present.{i}.key / .value [batch, kv_heads, total_sequence_length, head_dim] float32
 
-present = concat(past, new) along the sequence: genai's ``past_present_share_buffer: false`` mode, which
-any execution provider runs with plain ONNX ops. Attention is written out (MatMul, Softmax) rather than
-a contrib attention op, so the same graph serves the CPU provider and QDQ-consuming NPU providers.
-Grouped-query attention reads kv head h // groups for query head h (the eager model's repeat_interleave)
-through a broadcasting MatMul over [batch, kv_heads, groups, seq, head_dim], with no copy of K/V.
+present = concat(past, new) along the sequence: genai's ``past_present_share_buffer: false`` mode.
+Two attention lowerings, chosen by the target:
+
+- fused (CPU provider): onnxruntime's ``com.microsoft::GroupQueryAttention`` takes the rotated q/k and v,
+  concatenates the cache and attends in one kernel, with our additive mask as its ``attention_bias`` (so
+  left-padded batches stay exact) and ``seqlens_k`` = total length - 1 for every row. Its limits: a batch
+  larger than 1 cannot prefill more than one token on top of a cache (a single-sequence decoder never does).
+- plain ops (MatMul, Softmax) for execution providers that consume QDQ graphs and know no contrib ops
+  (NPUs). Grouped-query attention reads kv head h // groups for query head h (the eager model's
+  repeat_interleave) through a broadcasting MatMul over [batch, kv_heads, groups, seq, head_dim].
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from edgeforge.export.onnx_graph import FLOAT_MIN, GraphBuilder, embedding, linear, numpy
+from edgeforge.export.onnx_graph import FLOAT_MIN, GraphBuilder, embedding, linear, linears_on_one_input, numpy
 
 PAST_KEY, PAST_VALUE = "past_key_values.{}.key", "past_key_values.{}.value"
 PRESENT_KEY, PRESENT_VALUE = "present.{}.key", "present.{}.value"
 
 
-def build_decoder(model, *, max_seq_len: int) -> GraphBuilder:
-    """The graph of ``model`` (edgeforge.models.llama.Transformer, fp32 or with quantized modules)."""
+def build_decoder(model, *, max_seq_len: int, fused_attention: bool = False) -> GraphBuilder:
+    """The graph of ``model`` (edgeforge.models.llama.Transformer, fp32 or with quantized modules);
+    ``fused_attention``: GroupQueryAttention (onnxruntime's CPU provider) instead of plain ops."""
     config = model.config
     g = GraphBuilder("edgeforge_llama")
     kv_shape = ["batch_size", config.n_kv_heads, "past_sequence_length", config.head_dim]
@@ -36,14 +42,21 @@ def build_decoder(model, *, max_seq_len: int) -> GraphBuilder:
     pasts = [(g.add_input(PAST_KEY.format(i), TensorProto.FLOAT, kv_shape),
               g.add_input(PAST_VALUE.format(i), TensorProto.FLOAT, kv_shape)) for i in range(config.n_layers)]
 
-    cos, sin = _rope(g, model, position_ids, max_seq_len)
+    cos, sin = _rope(g, model, position_ids, max_seq_len, head_axis=2 if fused_attention else 1)
     mask = _attention_bias(g, input_ids, attention_mask, pasts[0][0])
+    if fused_attention:
+        lengths = _gqa_lengths(g, attention_mask)
+        mask = g.op("Squeeze", [mask, g.constant([2])], name="attention_bias")  # [batch, 1, seq, total]
     x = embedding(g, input_ids, model.tok_embeddings, "tok_embeddings")
     present_shape = ["batch_size", config.n_kv_heads, "total_sequence_length", config.head_dim]
     for i, layer in enumerate(model.layers):
         prefix = f"layers.{i}"
         h = rms_norm(g, x, layer.attention_norm, f"{prefix}.attention_norm")
-        attended, key, value = _attention(g, h, layer.attention, cos, sin, mask, pasts[i], f"{prefix}.attention")
+        if fused_attention:
+            attended, key, value = _fused_attention(g, h, layer.attention, cos, sin, mask, pasts[i], lengths,
+                                                    f"{prefix}.attention")
+        else:
+            attended, key, value = _attention(g, h, layer.attention, cos, sin, mask, pasts[i], f"{prefix}.attention")
         g.add_output(key, PRESENT_KEY.format(i), TensorProto.FLOAT, present_shape)
         g.add_output(value, PRESENT_VALUE.format(i), TensorProto.FLOAT, present_shape)
         x = g.op("Add", [x, attended], name=prefix)
@@ -64,12 +77,13 @@ def rms_norm(g: GraphBuilder, x: str, norm, name: str) -> str:
     return g.op("Mul", [normed, g.initializer(f"{name}.weight", numpy(norm.weight.float()))], name=name)
 
 
-def _rope(g: GraphBuilder, model, position_ids: str, max_seq_len: int) -> tuple[str, str]:
-    """cos, sin [batch, 1, seq, head_dim] for the positions: rows of the model's own tables."""
+def _rope(g: GraphBuilder, model, position_ids: str, max_seq_len: int, *, head_axis: int) -> tuple[str, str]:
+    """cos, sin for the positions, rows of the model's own tables, with a heads axis of 1 at ``head_axis``:
+    [batch, 1, seq, head_dim] (heads-first layout) or [batch, seq, 1, head_dim] (sequence-first)."""
     tables = []
     for table, label in ((model.rope_cos, "rope_cos"), (model.rope_sin, "rope_sin")):
         rows = g.op("Gather", [g.initializer(label, numpy(table[:max_seq_len].float())), position_ids], name=label)
-        tables.append(g.op("Unsqueeze", [rows, g.constant([1])], name=label))
+        tables.append(g.op("Unsqueeze", [rows, g.constant([head_axis])], name=label))
     return tables[0], tables[1]
 
 
@@ -130,9 +144,38 @@ def _attention(g: GraphBuilder, x: str, attention, cos: str, sin: str, mask: str
     return linear(g, y, attention.wo, f"{name}.wo"), key, value
 
 
+def _gqa_lengths(g: GraphBuilder, attention_mask: str) -> tuple[str, str]:
+    """GroupQueryAttention's (seqlens_k [batch] int32, total_sequence_length int32 scalar). Every row's keys
+    fill the whole total length (padding is masked by the bias, not cut by the lengths)."""
+    name = "gqa_lengths"
+    total = g.op("Shape", [attention_mask], name=name, start=1, end=2)  # [1]
+    batch = g.op("Shape", [attention_mask], name=name, start=0, end=1)
+    last = g.op("Expand", [g.op("Sub", [total, g.constant([1])], name=name), batch], name=name)
+    return (g.op("Cast", [last], name=name, to=TensorProto.INT32),
+            g.op("Cast", [g.op("Squeeze", [total], name=name)], name=name, to=TensorProto.INT32))
+
+
+def _fused_attention(g: GraphBuilder, x: str, attention, cos: str, sin: str, mask: str, past: tuple[str, str],
+                     lengths: tuple[str, str], name: str) -> tuple[str, str, str]:
+    """Return (output [batch, seq, dim], present key, present value) through GroupQueryAttention."""
+    heads, kv_heads, head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+
+    def rotated(y: str, n_heads: int, label: str) -> str:
+        y = g.op("Reshape", [y, g.constant([0, 0, n_heads, head_dim])], name=f"{name}.{label}")  # [b, s, h, d]
+        y = _apply_rope(g, y, cos, sin, head_dim // 2, f"{name}.{label}_rope")
+        return g.op("Reshape", [y, g.constant([0, 0, n_heads * head_dim])], name=f"{name}.{label}")
+
+    q, k, v = linears_on_one_input(g, x, [attention.wq, attention.wk, attention.wv], f"{name}.wqkv")
+    q, k = rotated(q, heads, "q"), rotated(k, kv_heads, "k")
+    seqlens_k, total = lengths
+    y, key, value = g.op("GroupQueryAttention", [q, k, v, past[0], past[1], seqlens_k, total, "", "", "", mask],
+                         name=name, outputs=3, domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+                         scale=head_dim ** -0.5)
+    return linear(g, y, attention.wo, f"{name}.wo"), key, value
+
+
 def _feed_forward(g: GraphBuilder, x: str, feed_forward, name: str) -> str:
     """w2(silu(w1 x) * w3 x)."""
-    gate = linear(g, x, feed_forward.w1, f"{name}.w1")
+    gate, up = linears_on_one_input(g, x, [feed_forward.w1, feed_forward.w3], f"{name}.w13")
     gate = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{name}.silu")], name=f"{name}.silu")
-    up = linear(g, x, feed_forward.w3, f"{name}.w3")
     return linear(g, g.op("Mul", [gate, up], name=name), feed_forward.w2, f"{name}.w2")
