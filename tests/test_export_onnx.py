@@ -17,6 +17,7 @@ Tolerances (logits over a 64-token prefill + 32 single-token decode steps):
 import copy
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -361,19 +362,23 @@ def test_random_gqa_untied_checkpoint_quantized_8da4w_exports(tmp_path):
     assert result.min_cosine >= 0.9999 and result.top1_agreement >= 0.97, result
 
 
-def test_random_gqa_untied_checkpoint_exports_and_batches_with_left_padding(tmp_path):
-    model = random_llama(GQA, seed=3)
-    directory = write_hf(tmp_path / "hf", GQA, core_state(model))
+@pytest.mark.parametrize("head_dim", [16, 8])
+def test_random_gqa_untied_checkpoint_exports_and_batches_with_left_padding(head_dim, tmp_path):
+    """GroupQueryAttention rotates q/k itself for head size 16 (a multiple of 16), not for 8 (rotated in the graph)."""
+    config = replace(GQA, head_dim=head_dim)
+    model = random_llama(config, seed=3)
+    directory = write_hf(tmp_path / "hf", config, core_state(model))
     artifact = export(directory, "onnx-cpu", tmp_path / "onnx", max_seq_len=64)
     assert artifact.manifest["guard"]["passed"] and artifact.manifest["guard"]["max_abs_diff"] < 1e-4
     assert artifact.manifest["config"]["tie_embeddings"] is False
+    assert ("Neg" in artifact.manifest["report"]["op_types"]) == (config.head_dim == 8)
     # two prompts in one batch, the shorter left-padded, as onnxruntime-genai batches them
     session = artifact.open().session
     lengths, width = (9, 5), 9
     ids = torch.randint(3, 96, (2, width))
     mask = (torch.arange(width)[None] >= torch.tensor([width - n for n in lengths])[:, None]).long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    empty = np.zeros((2, 2, 0, 16), np.float32)
+    empty = np.zeros((2, 2, 0, config.head_dim), np.float32)
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy(),
              **{f"past_key_values.{i}.{kind}": empty for i in range(2) for kind in ("key", "value")}}
     logits = torch.from_numpy(session.run(["logits"], feeds)[0])

@@ -28,6 +28,7 @@ from edgeforge.export.onnx_graph import FLOAT_MIN, GraphBuilder, embedding, line
 
 PAST_KEY, PAST_VALUE = "past_key_values.{}.key", "past_key_values.{}.value"
 PRESENT_KEY, PRESENT_VALUE = "present.{}.key", "present.{}.value"
+GQA_ROTARY_HEAD_MULTIPLE = 16  # GroupQueryAttention's CPU kernel rotates only head sizes that are multiples of 16
 
 
 def build_decoder(model, *, max_seq_len: int, fused_attention: bool = False) -> GraphBuilder:
@@ -42,7 +43,14 @@ def build_decoder(model, *, max_seq_len: int, fused_attention: bool = False) -> 
     pasts = [(g.add_input(PAST_KEY.format(i), TensorProto.FLOAT, kv_shape),
               g.add_input(PAST_VALUE.format(i), TensorProto.FLOAT, kv_shape)) for i in range(config.n_layers)]
 
-    cos, sin = _rope(g, model, position_ids, max_seq_len, head_axis=2 if fused_attention else 1)
+    rotary = None  # GroupQueryAttention rotates q and k itself where its kernel takes the head size
+    if fused_attention and config.head_dim % GQA_ROTARY_HEAD_MULTIPLE == 0:
+        half = config.head_dim // 2  # rotate-half tables repeat their first half
+        rotary = (g.initializer("rope_cos_cache", numpy(model.rope_cos[:max_seq_len, :half].float())),
+                  g.initializer("rope_sin_cache", numpy(model.rope_sin[:max_seq_len, :half].float())), position_ids)
+        cos = sin = None
+    else:
+        cos, sin = _rope(g, model, position_ids, max_seq_len, head_axis=2 if fused_attention else 1)
     mask = _attention_bias(g, input_ids, attention_mask, pasts[0][0])
     if fused_attention:
         lengths = _gqa_lengths(g, attention_mask)
@@ -53,8 +61,8 @@ def build_decoder(model, *, max_seq_len: int, fused_attention: bool = False) -> 
         prefix = f"layers.{i}"
         h = rms_norm(g, x, layer.attention_norm, f"{prefix}.attention_norm")
         if fused_attention:
-            attended, key, value = _fused_attention(g, h, layer.attention, cos, sin, mask, pasts[i], lengths,
-                                                    f"{prefix}.attention")
+            attended, key, value = _fused_attention(g, h, layer.attention, (cos, sin), rotary, mask, pasts[i],
+                                                    lengths, f"{prefix}.attention")
         else:
             attended, key, value = _attention(g, h, layer.attention, cos, sin, mask, pasts[i], f"{prefix}.attention")
         g.add_output(key, PRESENT_KEY.format(i), TensorProto.FLOAT, present_shape)
@@ -155,22 +163,26 @@ def _gqa_lengths(g: GraphBuilder, attention_mask: str) -> tuple[str, str]:
             g.op("Cast", [g.op("Squeeze", [total], name=name)], name=name, to=TensorProto.INT32))
 
 
-def _fused_attention(g: GraphBuilder, x: str, attention, cos: str, sin: str, mask: str, past: tuple[str, str],
-                     lengths: tuple[str, str], name: str) -> tuple[str, str, str]:
-    """Return (output [batch, seq, dim], present key, present value) through GroupQueryAttention."""
+def _fused_attention(g: GraphBuilder, x: str, attention, tables: tuple[str, str], rotary: tuple[str, str, str] | None,
+                     mask: str, past: tuple[str, str], lengths: tuple[str, str], name: str) -> tuple[str, str, str]:
+    """Return (output [batch, seq, dim], present key, present value) through GroupQueryAttention. ``rotary``
+    (cos cache, sin cache, position_ids): the op rotates q and k; otherwise they are rotated here with the
+    cos/sin ``tables`` [batch, seq, 1, head_dim]."""
     heads, kv_heads, head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
 
     def rotated(y: str, n_heads: int, label: str) -> str:
         y = g.op("Reshape", [y, g.constant([0, 0, n_heads, head_dim])], name=f"{name}.{label}")  # [b, s, h, d]
-        y = _apply_rope(g, y, cos, sin, head_dim // 2, f"{name}.{label}_rope")
+        y = _apply_rope(g, y, *tables, head_dim // 2, f"{name}.{label}_rope")
         return g.op("Reshape", [y, g.constant([0, 0, n_heads * head_dim])], name=f"{name}.{label}")
 
     q, k, v = linears_on_one_input(g, x, [attention.wq, attention.wk, attention.wv], f"{name}.wqkv")
-    q, k = rotated(q, heads, "q"), rotated(k, kv_heads, "k")
+    if rotary is None:
+        q, k = rotated(q, heads, "q"), rotated(k, kv_heads, "k")
     seqlens_k, total = lengths
-    y, key, value = g.op("GroupQueryAttention", [q, k, v, past[0], past[1], seqlens_k, total, "", "", "", mask],
+    y, key, value = g.op("GroupQueryAttention", [q, k, v, past[0], past[1], seqlens_k, total,
+                                                 *(rotary or ("", "", "")), mask],
                          name=name, outputs=3, domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
-                         scale=head_dim ** -0.5)
+                         scale=head_dim ** -0.5, do_rotary=int(rotary is not None), rotary_interleaved=0)
     return linear(g, y, attention.wo, f"{name}.wo"), key, value
 
 
