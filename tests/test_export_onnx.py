@@ -295,6 +295,22 @@ def test_genai_greedy_generation_reproduces_eager(scheme, stories, tmp_path):
         assert tokens == eager
 
 
+def test_genai_shares_one_cache_buffer_with_the_rotating_attention_kernel(tmp_path):
+    """Head size 16: GroupQueryAttention rotates q/k itself, and genai (past_present_share_buffer) hands it one
+    max-length cache updated in place; its greedy tokens are our session's (growing past, concatenated)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="pip install onnxruntime-genai (needs onnxruntime>=1.31)")
+    model = random_llama(GQA, seed=5)
+    artifact = export(write_hf(tmp_path / "hf", GQA, core_state(model)), "onnx-cpu", tmp_path / "onnx", max_seq_len=64)
+    genai = json.loads((artifact.path / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    prompt = [1, 17, 42, 5]
+    tokens = _genai_greedy(og, artifact.path, prompt, 40)
+    assert tokens == _greedy(artifact.open().forward, prompt, 40)
+    with torch.no_grad():
+        model.setup_cache(1, 64)
+        assert tokens == _greedy(model, prompt, 40)
+
+
 def test_tokenizer_json_encodes_like_sentencepiece_and_genai_after_whitespace_cleanup(stories, paragraphs, tmp_path):
     from tokenizers import Tokenizer
 

@@ -64,7 +64,8 @@ class OnnxExporter:
         if source.architecture not in builders:
             raise UnsupportedError(f"no ONNX graph for architecture {source.architecture!r} "
                                    f"(supported: {', '.join(builders)})")
-        options = {"fused_attention": target.backend == "cpu"} if source.architecture == "llama" else {}
+        fused = target.backend == "cpu"  # GroupQueryAttention and the other onnxruntime CPU contrib kernels
+        options = {"fused_attention": fused} if source.architecture == "llama" else {}
         graph = builders[source.architecture](source.model.eval(), max_seq_len=max_seq_len, **options)
         metadata = {"edgeforge.scheme": source.scheme, "edgeforge.architecture": source.architecture}
         model = save_model(graph, Path(out_dir) / MODEL_FILE, metadata=metadata)
@@ -77,7 +78,7 @@ class OnnxExporter:
             report["guard_tolerance"] = {**ACTIVATION_TOLERANCE[source.architecture],
                                          "reason": "; ".join(ACTIVATION_REASON[a] for a in quantized_activations)}
         if source.architecture == "llama":
-            report["genai"] = write_genai_files(source, Path(out_dir), max_seq_len=max_seq_len)
+            report["genai"] = write_genai_files(source, Path(out_dir), max_seq_len=max_seq_len, share_buffer=fused)
         report["check_provider"] = _check_provider(target.backend)
         report["versions"] = versions()
         onnx.checker.check_model(str(Path(out_dir) / MODEL_FILE))
@@ -170,8 +171,9 @@ def _cpu_kernel_check(model):
     return runs
 
 
-def write_genai_files(source, out_dir: Path, *, max_seq_len: int) -> dict:
-    """genai_config.json, and tokenizer.json when the checkpoint's tokenizer is not one already."""
+def write_genai_files(source, out_dir: Path, *, max_seq_len: int, share_buffer: bool = False) -> dict:
+    """genai_config.json, and tokenizer.json when the checkpoint's tokenizer is not one already.
+    ``share_buffer``: the graph attends with GroupQueryAttention, which updates a max-length cache in place."""
     from edgeforge.checkpoints.tokenizers import end_of_sequence_ids
     from edgeforge.export.onnx_genai import genai_config, write_tokenizer_json
     from edgeforge.fileio import write_json_atomic
@@ -182,7 +184,8 @@ def write_genai_files(source, out_dir: Path, *, max_seq_len: int) -> dict:
     eos_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids or None  # genai_config takes an int or a list
     write_json_atomic(out_dir / GENAI_CONFIG, genai_config(source.config, max_seq_len=max_seq_len,
                                                            model_file=MODEL_FILE, bos_id=bos_id, eos_id=eos_id,
-                                                           pad_id=getattr(tokenizer, "pad_id", None)))
+                                                           pad_id=getattr(tokenizer, "pad_id", None),
+                                                           share_buffer=share_buffer))
     if any(file.name == "tokenizer.json" for file in source.tokenizer_files):
         return {"config": GENAI_CONFIG, "tokenizer": "tokenizer.json (from the checkpoint)"}
     problem = write_tokenizer_json(tokenizer, out_dir)

@@ -20,9 +20,10 @@ NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6  # SentencePiece piece types
 
 
 def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | None, eos_id: int | list[int] | None,
-                 pad_id: int | None) -> dict:
-    """The genai_config.json of a decoder artifact (greedy search by default; ``eos_id`` may list several)."""
-    return {
+                 pad_id: int | None, share_buffer: bool = False) -> dict:
+    """The genai_config.json of a decoder artifact (greedy search by default; ``eos_id`` may list several;
+    ``share_buffer``: past and present key/values are one max-length buffer updated in place)."""
+    genai = {
         "model": {
             "bos_token_id": bos_id,
             "context_length": max_seq_len,
@@ -48,9 +49,13 @@ def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | Non
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
+    for key in ("bos_token_id", "eos_token_id"):  # genai refuses null ids: without a tokenizer, leave them out
+        if genai["model"][key] is None:
+            del genai["model"][key]
+    return genai
 
 
 def write_tokenizer_json(tokenizer, out_dir: Path) -> str | None:

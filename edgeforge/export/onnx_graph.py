@@ -195,11 +195,17 @@ def linears_on_one_input(g: GraphBuilder, x: str, modules: list[nn.Module], name
     """``[m(x) for m in modules]`` as one matmul split along its outputs where the layers can be stacked (same
     type and scheme, no static or smoothing input parameters): one weight read and, with int8 activations,
     one quantization of x instead of one per layer. Otherwise one matmul each."""
-    stacked = _stack_rows(modules)
+    stacked = stacked_linear(g, x, modules, name)
     if stacked is None:
         return [linear(g, x, module, f"{name}.{index}") for index, module in enumerate(modules)]
     sizes = [module.weight.shape[0] if isinstance(module, nn.Linear) else module.qdata.shape[0] for module in modules]
-    return g.op("Split", [linear(g, x, stacked, name), g.constant(sizes)], name=name, outputs=len(modules), axis=-1)
+    return g.op("Split", [stacked, g.constant(sizes)], name=name, outputs=len(modules), axis=-1)
+
+
+def stacked_linear(g: GraphBuilder, x: str, modules: list[nn.Module], name: str) -> str | None:
+    """``cat([m(x) for m in modules], -1)`` as one matmul, or None where the layers cannot be stacked."""
+    stacked = _stack_rows(modules)
+    return None if stacked is None else linear(g, x, stacked, name)
 
 
 def _stack_rows(modules: list[nn.Module]) -> nn.Module | None:

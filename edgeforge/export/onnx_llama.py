@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from edgeforge.export.onnx_graph import FLOAT_MIN, GraphBuilder, embedding, linear, linears_on_one_input, numpy
+from edgeforge.export.onnx_graph import (FLOAT_MIN, GraphBuilder, embedding, linear, linears_on_one_input, numpy,
+                                         stacked_linear)
 
 PAST_KEY, PAST_VALUE = "past_key_values.{}.key", "past_key_values.{}.value"
 PRESENT_KEY, PRESENT_VALUE = "present.{}.key", "present.{}.value"
@@ -51,15 +52,16 @@ def build_decoder(model, *, max_seq_len: int, fused_attention: bool = False) -> 
         cos = sin = None
     else:
         cos, sin = _rope(g, model, position_ids, max_seq_len, head_axis=2 if fused_attention else 1)
-    mask = _attention_bias(g, input_ids, attention_mask, pasts[0][0])
+    mask = _attention_bias(g, input_ids, attention_mask)
     if fused_attention:
         lengths = _gqa_lengths(g, attention_mask)
         mask = g.op("Squeeze", [mask, g.constant([2])], name="attention_bias")  # [batch, 1, seq, total]
     x = embedding(g, input_ids, model.tok_embeddings, "tok_embeddings")
     present_shape = ["batch_size", config.n_kv_heads, "total_sequence_length", config.head_dim]
+    branch = None  # the last block's FFN output, added to x by the next norm
     for i, layer in enumerate(model.layers):
         prefix = f"layers.{i}"
-        h = rms_norm(g, x, layer.attention_norm, f"{prefix}.attention_norm")
+        h, x = _add_and_norm(g, x, branch, layer.attention_norm, f"{prefix}.attention_norm", fused=fused_attention)
         if fused_attention:
             attended, key, value = _fused_attention(g, h, layer.attention, (cos, sin), rotary, mask, pasts[i],
                                                     lengths, f"{prefix}.attention")
@@ -67,10 +69,10 @@ def build_decoder(model, *, max_seq_len: int, fused_attention: bool = False) -> 
             attended, key, value = _attention(g, h, layer.attention, cos, sin, mask, pasts[i], f"{prefix}.attention")
         g.add_output(key, PRESENT_KEY.format(i), TensorProto.FLOAT, present_shape)
         g.add_output(value, PRESENT_VALUE.format(i), TensorProto.FLOAT, present_shape)
-        x = g.op("Add", [x, attended], name=prefix)
-        h = rms_norm(g, x, layer.ffn_norm, f"{prefix}.ffn_norm")
-        x = g.op("Add", [x, _feed_forward(g, h, layer.feed_forward, f"{prefix}.feed_forward")], name=prefix)
-    logits = linear(g, rms_norm(g, x, model.norm, "norm"), model.output, "output")
+        h, x = _add_and_norm(g, x, attended, layer.ffn_norm, f"{prefix}.ffn_norm", fused=fused_attention)
+        branch = _feed_forward(g, h, layer.feed_forward, f"{prefix}.feed_forward")
+    h, _ = _add_and_norm(g, x, branch, model.norm, "norm", fused=fused_attention)
+    logits = linear(g, h, model.output, "output")
     g.add_output(logits, "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", config.vocab_size])
     g.outputs.insert(0, g.outputs.pop())  # logits first, then present.{i}.key/value
     return g
@@ -83,6 +85,19 @@ def rms_norm(g: GraphBuilder, x: str, norm, name: str) -> str:
     root = g.op("Sqrt", [g.op("Add", [mean, g.constant(np.float32(norm.eps), np.float32)], name=name)], name=name)
     normed = g.op("Div", [x, root], name=name)
     return g.op("Mul", [normed, g.initializer(f"{name}.weight", numpy(norm.weight.float()))], name=name)
+
+
+def _add_and_norm(g: GraphBuilder, x: str, branch: str | None, norm, name: str, *, fused: bool) -> tuple[str, str]:
+    """(rms_norm(x + branch), x + branch); fused: onnxruntime's SkipSimplifiedLayerNormalization, one kernel."""
+    if branch is None:
+        return rms_norm(g, x, norm, name), x
+    if not fused:
+        x = g.op("Add", [x, branch], name=name)
+        return rms_norm(g, x, norm, name), x
+    weight = g.initializer(f"{name}.weight", numpy(norm.weight.float()))
+    normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [branch, x, weight], name=name, outputs=4,
+                               domain="com.microsoft", epsilon=float(norm.eps))
+    return normed, total
 
 
 def _rope(g: GraphBuilder, model, position_ids: str, max_seq_len: int, *, head_axis: int) -> tuple[str, str]:
@@ -102,13 +117,15 @@ def _apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, half: int, name: st
     return g.op("Add", [g.op("Mul", [x, cos], name=name), g.op("Mul", [rotated, sin], name=name)], name=name)
 
 
-def _attention_bias(g: GraphBuilder, input_ids: str, attention_mask: str, past_key: str) -> str:
+def _attention_bias(g: GraphBuilder, input_ids: str, attention_mask: str) -> str:
     """Additive mask [batch, 1, 1, seq, total]: 0 where query i (at past + i) may read key j
     (j <= past + i and attention_mask[j] = 1), float32's lowest value elsewhere."""
     name = "attention_bias"
-    past = g.op("Shape", [past_key], name=name, start=2, end=3)  # [1]
+    # lengths from the mask, not the cache: a cache shared with present (genai's past_present_share_buffer)
+    # is allocated at its maximum length
+    total = g.op("Shape", [attention_mask], name=name, start=1, end=2)  # [1]
     seq = g.op("Shape", [input_ids], name=name, start=1, end=2)
-    total = g.op("Add", [past, seq], name=name)
+    past = g.op("Sub", [total, seq], name=name)
     zero, one = g.constant(0), g.constant(1)
     total = g.op("Squeeze", [total], name=name)
     key_positions = g.op("Range", [zero, total, one], name=name)  # [total]
@@ -175,9 +192,14 @@ def _fused_attention(g: GraphBuilder, x: str, attention, tables: tuple[str, str]
         y = _apply_rope(g, y, *tables, head_dim // 2, f"{name}.{label}_rope")
         return g.op("Reshape", [y, g.constant([0, 0, n_heads * head_dim])], name=f"{name}.{label}")
 
-    q, k, v = linears_on_one_input(g, x, [attention.wq, attention.wk, attention.wv], f"{name}.wqkv")
-    if rotary is None:
-        q, k = rotated(q, heads, "q"), rotated(k, kv_heads, "k")
+    projections = [attention.wq, attention.wk, attention.wv]
+    packed = stacked_linear(g, x, projections, f"{name}.wqkv") if rotary is not None else None
+    if packed is not None:  # the op reads q, k and v from one packed [batch, seq, (heads + 2 kv_heads) * head_dim]
+        q, k, v = packed, "", ""
+    else:
+        q, k, v = linears_on_one_input(g, x, projections, f"{name}.wqkv")
+        if rotary is None:
+            q, k = rotated(q, heads, "q"), rotated(k, kv_heads, "k")
     seqlens_k, total = lengths
     y, key, value = g.op("GroupQueryAttention", [q, k, v, past[0], past[1], seqlens_k, total,
                                                  *(rotary or ("", "", "")), mask],
