@@ -257,10 +257,20 @@ def test_unsupported_pte_backends_are_refused_before_exporting(tiny_llama, tmp_p
     npu = Target(name="npu", format="pte", backend="vendor-npu", schemes=("fp32",), memory_budget_mb=1, latency="")
     with pytest.raises(UnsupportedError, match="backend 'vendor-npu'.*supported: xnnpack, coreml"):
         export(tiny_llama("fp32"), npu, tmp_path / "out")
-    with pytest.raises(UnsupportedError, match="CoreML delegate takes edgeforge's sentence encoders only.*"
-                                               "ios-arm64-xnnpack"):
-        export(tiny_llama("fp32"), "ios-coreml", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_ios_coreml_decoder_is_one_delegate_with_the_cache_as_state(tiny_llama, tmp_path):
+    """The core model with its static cache, one token per call: CoreML takes the whole graph, the KV cache
+    becoming CoreML state (iOS 18+); the runner metadata says to prefill token by token."""
+    artifact = export(tiny_llama("fp32"), "ios-coreml", tmp_path / "coreml", max_seq_len=32)
+    report = artifact.manifest["report"]
+    assert artifact.manifest["guard"] is None and report["ops_outside_delegate"] == {}
+    assert report["delegated_parameter_share"] == 1.0
+    assert report["runner_metadata"]["enable_dynamic_shape"] is False
+    assert report["runner_metadata"]["use_sdpa_with_kv_cache"] is False
+    with pytest.raises(UnsupportedError, match="ios-coreml cannot run here"):
+        artifact.open()
 
 
 def test_ios_coreml_encoder_is_lowered_whole_and_refuses_to_run_here(minilm_dir, tmp_path):

@@ -193,13 +193,19 @@ def _intx_tensor(module: nn.Module, dynamic_activations: bool):
 
 # ---- torch.export -> XNNPACK -> .pte ----
 
-def export_program(source, *, max_seq_len: int):
+def export_program(source, *, max_seq_len: int, backend: str = "xnnpack"):
     """The ExportedProgram of ``source``'s export variant (strict export, dynamic sequence length; for
-    encoders dynamic batch too)."""
+    encoders dynamic batch too). CoreML decoders: the core model with its static cache, one token per
+    call (the delegate keeps the cache as CoreML state; the runner prefills token by token)."""
     from torch.export import Dim
 
     model = to_torchao(structural_copy(source.model))
-    if source.architecture == "llama":
+    if source.architecture == "llama" and backend == "coreml":
+        model.setup_cache(1, max_seq_len)
+        module = model.eval()
+        example = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+        dynamic_shapes = None
+    elif source.architecture == "llama":
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers torch.ops.llama)
 
         module = ExportDecoder(model, max_seq_len).eval()
@@ -218,13 +224,14 @@ def export_program(source, *, max_seq_len: int):
         return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=True)
 
 
-def runner_metadata(source, *, max_seq_len: int) -> dict:
+def runner_metadata(source, *, max_seq_len: int, dynamic_shape: bool = True) -> dict:
     """Constant methods ExecuTorch's LLM runner reads (extension/llm/runner/constants.h): one prefill
-    call may fill the whole cache, so max_seq_len (longest call) and max_context_len (cache) agree."""
+    call may fill the whole cache, so max_seq_len (longest call) and max_context_len (cache) agree.
+    ``dynamic_shape`` False: a one-token program (CoreML), which the runner prefills token by token."""
     config, tokenizer = source.config, source.tokenizer
     metadata = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
                 "get_vocab_size": config.vocab_size, "get_n_layers": config.n_layers, "use_kv_cache": True,
-                "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True}
+                "use_sdpa_with_kv_cache": dynamic_shape, "enable_dynamic_shape": dynamic_shape}
     if tokenizer is not None and tokenizer.bos_id is not None:
         metadata["get_bos_id"] = tokenizer.bos_id
     if end_of_sequence_ids(tokenizer):
@@ -249,8 +256,8 @@ def lower(program, *, backend: str, metadata: dict | None = None):
 
 
 def partitioner(backend: str):
-    """The ExecuTorch partitioner of ``backend``: XNNPACK, or CoreML (fp16 ML program, iOS 17+; lowered here by
-    coremltools, compiled and run on Apple devices only)."""
+    """The ExecuTorch partitioner of ``backend``: XNNPACK, or CoreML (fp16 ML program, iOS 18+ for the KV cache
+    as CoreML state; lowered here by coremltools, compiled and run on Apple devices only)."""
     if backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
@@ -260,18 +267,14 @@ def partitioner(backend: str):
         from executorch.backends.apple.coreml.compiler import CoreMLBackend
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
-        specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=coremltools.target.iOS17,
+        specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=coremltools.target.iOS18,
                                                      compute_precision=coremltools.precision.FLOAT16)
-        return CoreMLPartitioner(compile_specs=specs)
+        return CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)
     raise UnsupportedError(f"backend {backend!r} has no ExecuTorch lowering in edgeforge (supported: xnnpack, coreml)")
 
 
-def _check_backend(backend: str, architecture: str) -> None:
-    """Refuse before the slow steps what a backend cannot take."""
-    if backend == "coreml" and architecture != "bert":
-        raise UnsupportedError("the CoreML delegate takes edgeforge's sentence encoders only: the decoder graph's "
-                               "KV-cache ops (llama.update_cache/custom_sdpa, dynamic positions) have no CoreML "
-                               "lowering; for iOS export decoders with target ios-arm64-xnnpack")
+def _check_backend(backend: str) -> None:
+    """Refuse an unknown backend before the slow steps."""
     if backend not in ("xnnpack", "coreml"):
         partitioner(backend)
 
@@ -327,9 +330,10 @@ class ExecuTorchExporter:
     def export(self, source, target, out_dir: Path, *, max_seq_len: int) -> dict:
         from importlib.metadata import version
 
-        _check_backend(target.backend, source.architecture)
-        program = export_program(source, max_seq_len=max_seq_len)
-        metadata = runner_metadata(source, max_seq_len=max_seq_len) if source.architecture == "llama" else None
+        _check_backend(target.backend)
+        program = export_program(source, max_seq_len=max_seq_len, backend=target.backend)
+        metadata = runner_metadata(source, max_seq_len=max_seq_len, dynamic_shape=target.backend != "coreml") \
+            if source.architecture == "llama" else None
         executorch_program = lower(program, backend=target.backend, metadata=metadata)
         (out_dir / MODEL_FILE).write_bytes(executorch_program.buffer)
         planned = executorch_program.executorch_program.execution_plan[0].non_const_buffer_sizes
