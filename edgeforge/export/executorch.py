@@ -11,6 +11,9 @@ Quantized layers keep edgeforge's calibrated integers and scales: each becomes a
 are (nothing is re-quantized). XNNPACK runs linears with dynamic int8 activations as its 8da4w/8da8w
 kernels; quantized embeddings become ExecuTorch's ``embedding_byte``/``embedding_4bit`` ops.
 
+For the CoreML backend (target ios-coreml) the decoder is the core model with its static cache, one
+token per call, lowered whole to one CoreML program; it runs on Apple devices only.
+
 The decoder's .pte carries the metadata methods ExecuTorch's LLM runner reads (``get_max_seq_len`` ...),
 and export() copies the tokenizer beside it, so the artifact runs unchanged in
 ``executorch.extension.llm.runner`` as well as through :class:`DecoderSession`.

@@ -7,16 +7,20 @@
     outputs  logits [batch, sequence_length, vocab] float32
              present.{i}.key / .value [batch, kv_heads, total_sequence_length, head_dim] float32
 
-present = concat(past, new) along the sequence: genai's ``past_present_share_buffer: false`` mode.
 Two attention lowerings, chosen by the target:
 
-- fused (CPU provider): onnxruntime's ``com.microsoft::GroupQueryAttention`` takes the rotated q/k and v,
-  concatenates the cache and attends in one kernel, with our additive mask as its ``attention_bias`` (so
-  left-padded batches stay exact) and ``seqlens_k`` = total length - 1 for every row. Its limits: a batch
-  larger than 1 cannot prefill more than one token on top of a cache (a single-sequence decoder never does).
-- plain ops (MatMul, Softmax) for execution providers that consume QDQ graphs and know no contrib ops
-  (NPUs). Grouped-query attention reads kv head h // groups for query head h (the eager model's
-  repeat_interleave) through a broadcasting MatMul over [batch, kv_heads, groups, seq, head_dim].
+- fused (CPU provider): onnxruntime's ``com.microsoft::GroupQueryAttention`` takes q/k/v packed from one
+  MatMulNBits (rotating q and k itself when the head size is a multiple of 16), writes the new keys and
+  values into the cache and attends in one kernel, with our additive mask as its ``attention_bias`` (so
+  left-padded batches stay exact) and ``seqlens_k`` = total length - 1 for every row. Given growing
+  past tensors (our session) present = concat(past, new); under genai (``past_present_share_buffer``)
+  past and present are one max-length buffer updated in place. Norms are
+  ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm). Its limit: a batch larger than 1 cannot
+  prefill more than one token on top of a cache (a single-sequence decoder never does).
+- plain ops (MatMul, Softmax; present = concat(past, new)) for execution providers that consume QDQ
+  graphs and know no contrib ops (NPUs). Grouped-query attention reads kv head h // groups for query
+  head h (the eager model's repeat_interleave) through a broadcasting MatMul over
+  [batch, kv_heads, groups, seq, head_dim].
 """
 
 from __future__ import annotations
