@@ -34,6 +34,7 @@ from edgeforge.errors import InputError, RuntimeFailure, UnsupportedError
 from edgeforge.export.artifact import register_exporter
 
 MODEL_FILE = "model.pte"
+BACKENDS = ("xnnpack", "coreml")  # partitioners edgeforge lowers to
 ENCODER_MAX_BATCH = 16  # largest batch the encoder graph takes: memory is planned for it (MiniLM: 162 MiB)
 _BOOKKEEPING_OPS = {"sym_size", "_local_scalar_dense", "_assert_scalar", "sym_constrain_range_for_size"}
 # Guard tolerances (min cosine, min top-1) where XNNPACK computes differently by design (see guard_tolerance).
@@ -237,8 +238,9 @@ def runner_metadata(source, *, max_seq_len: int, dynamic_shape: bool = True) -> 
                 "use_sdpa_with_kv_cache": dynamic_shape, "enable_dynamic_shape": dynamic_shape}
     if tokenizer is not None and tokenizer.bos_id is not None:
         metadata["get_bos_id"] = tokenizer.bos_id
-    if end_of_sequence_ids(tokenizer):
-        metadata["get_eos_ids"] = end_of_sequence_ids(tokenizer)
+    eos_ids = end_of_sequence_ids(tokenizer)
+    if eos_ids:
+        metadata["get_eos_ids"] = eos_ids
     return metadata
 
 
@@ -258,28 +260,28 @@ def lower(program, *, backend: str, metadata: dict | None = None):
         sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))  # plan dynamic shapes at their upper bounds
 
 
+def check_backend(backend: str) -> None:
+    """Refuse a backend edgeforge cannot lower to (cheap: before any slow step)."""
+    if backend not in BACKENDS:
+        raise UnsupportedError(f"backend {backend!r} has no ExecuTorch lowering in edgeforge "
+                               f"(supported: {', '.join(BACKENDS)})")
+
+
 def partitioner(backend: str):
     """The ExecuTorch partitioner of ``backend``: XNNPACK, or CoreML (fp16 ML program, iOS 18+ for the KV cache
     as CoreML state; lowered here by coremltools, compiled and run on Apple devices only)."""
+    check_backend(backend)
     if backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         return XnnpackPartitioner()
-    if backend == "coreml":
-        import coremltools
-        from executorch.backends.apple.coreml.compiler import CoreMLBackend
-        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+    import coremltools
+    from executorch.backends.apple.coreml.compiler import CoreMLBackend
+    from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
-        specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=coremltools.target.iOS18,
-                                                     compute_precision=coremltools.precision.FLOAT16)
-        return CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)
-    raise UnsupportedError(f"backend {backend!r} has no ExecuTorch lowering in edgeforge (supported: xnnpack, coreml)")
-
-
-def _check_backend(backend: str) -> None:
-    """Refuse an unknown backend before the slow steps."""
-    if backend not in ("xnnpack", "coreml"):
-        partitioner(backend)
+    specs = CoreMLBackend.generate_compile_specs(minimum_deployment_target=coremltools.target.iOS18,
+                                                 compute_precision=coremltools.precision.FLOAT16)
+    return CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)
 
 
 def delegation_report(program) -> dict:
@@ -333,7 +335,7 @@ class ExecuTorchExporter:
     def export(self, source, target, out_dir: Path, *, max_seq_len: int) -> dict:
         from importlib.metadata import version
 
-        _check_backend(target.backend)
+        check_backend(target.backend)
         program = export_program(source, max_seq_len=max_seq_len, backend=target.backend)
         metadata = runner_metadata(source, max_seq_len=max_seq_len, dynamic_shape=target.backend != "coreml") \
             if source.architecture == "llama" else None

@@ -97,8 +97,8 @@ class GraphBuilder:
         from onnx import helper
 
         self._used.add(name)
-        producers = [node for node in self.nodes if source in node.output]
-        if producers and source not in {o.name for o in self.outputs}:
+        produced = any(source in node.output for node in self.nodes)
+        if produced and source not in {o.name for o in self.outputs}:
             for node in self.nodes:
                 for field in (node.input, node.output):
                     for index, tensor in enumerate(field):
@@ -216,9 +216,9 @@ def _stack_rows(modules: list[nn.Module]) -> nn.Module | None:
         stacked = nn.Linear(first.in_features, sum(m.out_features for m in modules), bias=False)
         stacked.weight = nn.Parameter(torch.cat([m.weight.detach() for m in modules]), requires_grad=False)
         return stacked
-    if not isinstance(first, QuantizedLinear) or any(
-            m.scheme != first.scheme or m.activations != first.activations or m.scale.shape[1] != first.scale.shape[1]
-            or m.activations is ActivationScheme.STATIC_INT8 or m.input_multiplier is not None for m in modules):
+    if not isinstance(first, QuantizedLinear) or first.activations is ActivationScheme.STATIC_INT8 or any(
+            m.scheme != first.scheme or m.activations != first.activations or m.input_multiplier is not None
+            for m in modules):  # same scheme and input width: same scale layout
         return None
     zero_points = None if first.zero_point is None else torch.cat([m.zero_point for m in modules])
     weight = QuantizedWeight(torch.cat([m.qdata for m in modules]), torch.cat([m.scale for m in modules]), zero_points)

@@ -60,6 +60,7 @@ class ShardWriter:
     def __init__(self, directory: Path):
         self.directory, self.shard_bytes = Path(directory), SHARD_BYTES
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
@@ -67,7 +68,8 @@ class ShardWriter:
 
     def update(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.pending.update(tensors)
-        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= self.shard_bytes:
+        self.pending_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending_bytes >= self.shard_bytes:
             self._flush()
 
     def _flush(self) -> None:
@@ -78,7 +80,7 @@ class ShardWriter:
         file = self.directory / f"shard-{len(self.shards):05d}.partial"
         save_file(dict(sorted(self.pending.items())), str(file), metadata={"format": "pt"})
         self.shards.append((file, sorted(self.pending)))
-        self.pending = {}
+        self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> None:
         self._flush()

@@ -173,19 +173,14 @@ def _encoder_smoothing(model: torch.nn.Module, recipe: Recipe, calibration: Cali
     folded into it exactly; the linears keep 1/s as an explicit per-channel multiply (one cheap op).
     Linears that read the same tensor (query/key/value) share one s, from their weights together."""
     absmax: dict[str, torch.Tensor] = {}
-    readers: dict[int, list[str]] = {}  # id of an input tensor of the first batch -> the linears reading it
-    first_batch: list[torch.Tensor] = []  # keeps those tensors alive, so no id is reused
-    grouped: set[str] = set()
+    first_inputs: dict[str, torch.Tensor] = {}  # kept alive to the end, so two live tensors never share an id
 
     def observe(name):
         def hook(module, args):
             x = args[0].detach()
             channel_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)
             absmax[name] = torch.maximum(absmax[name], channel_max) if name in absmax else channel_max
-            if name not in grouped:
-                grouped.add(name)
-                readers.setdefault(id(args[0]), []).append(name)
-                first_batch.append(args[0])
+            first_inputs.setdefault(name, args[0])
         return hook
 
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -197,6 +192,9 @@ def _encoder_smoothing(model: torch.nn.Module, recipe: Recipe, calibration: Cali
     finally:
         for handle in handles:
             handle.remove()
+    readers: dict[int, list[str]] = {}  # one input tensor -> the linears reading it
+    for name, x in first_inputs.items():
+        readers.setdefault(id(x), []).append(name)
     multipliers = {}
     for names in readers.values():
         scales = smoothquant_scales(absmax[names[0]], [linears[n].weight for n in names],
