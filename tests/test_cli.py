@@ -1,7 +1,6 @@
 """The CLI: results on stdout, one-line errors with exit code 2 and no traceback for every bad input."""
 
 import json
-import time
 import zipfile
 
 import pytest
@@ -37,9 +36,9 @@ def test_version_and_fast_help():
     import sys
 
     assert run("--version").stdout.strip().startswith("edgeforge, version ")
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "edgeforge", "--help"], check=True, capture_output=True)
-    assert time.perf_counter() - start < 5, "--help must not import torch"
+    assert "quantize" in subprocess.run([sys.executable, "-m", "edgeforge", "--help"], check=True,
+                                        capture_output=True, text=True).stdout
+    # fast --help is checked by what it imports, not by a clock: a busy machine must not fail it
     probe = "import sys, edgeforge.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
 

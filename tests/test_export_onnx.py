@@ -36,7 +36,10 @@ from edgeforge.quantize.calibration import build_calibration
 from edgeforge.quantize.modules import QuantizedLinear
 from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, WeightScheme
 from tests.conftest import MINILM, SHARED, STORIES
+from tests.tolerances import assert_greedy_is_argmax
 from tests.writers import core_state, random_llama, write_hf
+
+FP32_TIE = 2e-4  # twice the fp32 logit bound above: two tokens this close may swap places under rounding
 
 TEXT = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.txt"
 RECIPES = {"8da8w": "int8-dynamic", "8da4w": "int4-gptq", "4w": "int4-weight-only", "8w": "int8-weight-only",
@@ -281,18 +284,20 @@ def test_genai_greedy_generation_reproduces_eager(scheme, stories, tmp_path):
     path = stories(scheme)
     artifact = export(path, "onnx-cpu", tmp_path / "onnx", max_seq_len=256, check=False)
     tokens = _genai_greedy(og, artifact.path, [1], 200)
-    if scheme == "fp32":  # llama2.c's own greedy output
-        lines = (STORIES / "greedy_reference.txt").read_text().splitlines()
-        assert tokens == [int(t) for t in lines[2].split()][1:]
-    assert tokens == _greedy(artifact.open().forward, [1], 200)  # genai drives the graph as our session does
+    # Teacher-forced (tests/tolerances.py): each greedy token is the other side's argmax on the same prefix, to
+    # within twice the fp32 logit bound of the module docstring, so a rounding-level tie cannot fail the test.
+    assert_greedy_is_argmax(tokens, artifact.open().forward, [1], FP32_TIE)  # genai drives the graph as our session
     reference = ort_arithmetic(_eager(path))
     reference.setup_cache(1, 256)
-    eager = _greedy(reference, [1], 200)
     if scheme.startswith("8da"):  # int8 rounding ties cascade (see the module docstring): a long common prefix
+        eager = _greedy(reference, [1], 200)
         agree = next((i for i, (a, b) in enumerate(zip(tokens, eager)) if a != b), len(eager))
         assert agree >= 32, f"genai and eager greedy tokens part after {agree} tokens"  # seen: 63 to 123
     else:
-        assert tokens == eager
+        assert_greedy_is_argmax(tokens, reference, [1], FP32_TIE)
+    if scheme == "fp32":  # llama2.c's own greedy output is the eager model's too
+        lines = (STORIES / "greedy_reference.txt").read_text().splitlines()
+        assert_greedy_is_argmax([int(t) for t in lines[2].split()][1:], reference, [1], FP32_TIE)
 
 
 def test_genai_shares_one_cache_buffer_with_the_rotating_attention_kernel(tmp_path):
@@ -305,10 +310,9 @@ def test_genai_shares_one_cache_buffer_with_the_rotating_attention_kernel(tmp_pa
     assert genai["search"]["past_present_share_buffer"] is True
     prompt = [1, 17, 42, 5]
     tokens = _genai_greedy(og, artifact.path, prompt, 40)
-    assert tokens == _greedy(artifact.open().forward, prompt, 40)
-    with torch.no_grad():
-        model.setup_cache(1, 64)
-        assert tokens == _greedy(model, prompt, 40)
+    assert_greedy_is_argmax(tokens, artifact.open().forward, prompt, FP32_TIE)
+    model.setup_cache(1, 64)
+    assert_greedy_is_argmax(tokens, model, prompt, FP32_TIE)
 
 
 def test_tokenizer_json_encodes_like_sentencepiece_and_genai_after_whitespace_cleanup(stories, paragraphs, tmp_path):

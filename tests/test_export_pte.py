@@ -36,6 +36,7 @@ from edgeforge.quantize import load_quantized_model, load_recipe, quantize_check
 from edgeforge.quantize.calibration import build_calibration
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear
 from tests.conftest import MINILM, SHARED
+from tests.tolerances import assert_greedy_is_argmax, assert_same_top1_except_near_ties
 from tests.writers import core_state, random_llama, write_hf
 
 TEXT = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.txt"
@@ -192,7 +193,7 @@ def test_gqa_fp32_pte_matches_eager_and_reports_what_runs_where(tiny_llama, tiny
     tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
     reference, candidate = logits_pair(eager_model(tiny_llama("fp32")), artifact.open().forward, tokens, 40)
     assert (reference - candidate).abs().max() <= 1e-4
-    assert torch.equal(reference.argmax(-1), candidate.argmax(-1))
+    assert_same_top1_except_near_ties(reference, candidate)
 
     from executorch.runtime import Runtime
 
@@ -312,7 +313,7 @@ def test_stories_pte_matches_eager_and_runs_in_the_llm_runner(scheme, stories, s
         assert_layers_exact(with_bf16_group_scales(model), story_tokens[:, :64], tmp_path)
     else:
         assert (reference - candidate).abs().max() <= 1e-4, (reference - candidate).abs().max()
-        assert torch.equal(reference.argmax(-1), candidate.argmax(-1))
+        assert_same_top1_except_near_ties(reference, candidate)
 
     tokenizer = open_checkpoint(DEFAULT_CHECKPOINT).tokenizer
     prompt, new_tokens = "Once upon a time", 32
@@ -322,14 +323,9 @@ def test_stories_pte_matches_eager_and_runs_in_the_llm_runner(scheme, stories, s
     assert "".join(pieces).strip() == tokenizer.decode(session_tokens).strip()  # the runner runs the same program
     eager = eager_model(path)
     eager.setup_cache(1, MAX_SEQ_LEN)
-    if scheme != "8da4w":
-        assert session_tokens == greedy(eager, tokenizer.encode(prompt), new_tokens)
-    else:  # teacher-forced: each runner token is eager's argmax after the same prefix, or a near-tie
-        ids = tokenizer.encode(prompt) + session_tokens
-        with torch.no_grad():
-            logits = eager(torch.tensor([ids[:-1]]))[0, len(tokenizer.encode(prompt)) - 1:]
-        chosen = logits.gather(-1, torch.tensor(session_tokens)[:, None])[:, 0]
-        assert (logits.max(-1).values - chosen).max() <= 0.5
+    # teacher-forced: each runner token is eager's argmax after the same prefix, or a near-tie within the
+    # logit differences this module's docstring bounds (1e-4; 8da4w: bf16 group scales, 0.5)
+    assert_greedy_is_argmax(session_tokens, eager, tokenizer.encode(prompt), 0.5 if scheme == "8da4w" else 2e-4)
 
 
 # ---- encoders ----
