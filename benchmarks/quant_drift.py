@@ -59,7 +59,7 @@ def evaluation_windows(paragraphs: list[str], tokenizer, *, seq_len: int, count:
 
     ids: list[int] = []
     for paragraph in paragraphs:
-        ids.extend(tokenizer.encode(paragraph, bos=True))
+        ids.extend(tokenizer.encode(paragraph))
         if len(ids) >= seq_len * count:
             break
     return token_windows(ids, seq_len, count)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -11,12 +11,12 @@ from edgeforge.errors import ConfigError
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
-             seed: int | None = None, eos_id: int | None = None,
+             seed: int | None = None, eos_ids: Collection[int] = (),
              on_token: Callable[[int], None] | None = None) -> list[int]:
     """Prefill ``prompt_ids`` in one call, then decode one token at a time.
 
     Greedy (argmax) when ``temperature`` is 0, otherwise softmax sampling seeded by ``seed``.
-    Stops after ``max_new_tokens`` or at ``eos_id``. Returns only the new tokens.
+    Stops after ``max_new_tokens`` or at any of ``eos_ids``. Returns only the new tokens.
     """
     if not prompt_ids:
         raise ConfigError("the prompt is empty and the tokenizer adds no BOS token")
@@ -40,7 +40,7 @@ def generate(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: 
         new_tokens.append(token)
         if on_token is not None:
             on_token(token)
-        if token == eos_id or position == total - 1:
+        if token in eos_ids or position == total - 1:
             break
         logits = model(torch.tensor([[token]]), torch.tensor([position]))[0, -1]
     return new_tokens

@@ -109,13 +109,15 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
     from edgeforge.export import load_target
     from edgeforge.quantize import load_recipe
     from edgeforge.quantize.calibration import read_documents
+    from edgeforge.quantize.driver import require_calibration_tokenizer
 
     say = progress or (lambda message: None)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(output_dir, say)
     checkpoint = open_checkpoint(settings.checkpoint or DEFAULT_CHECKPOINT)
     recipe = load_recipe(settings.recipe)
+    require_calibration_tokenizer(checkpoint, recipe)  # pre-flight: before anything is written or loaded
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(output_dir, say)
     overrides = {"samples": settings.samples, "seq_len": settings.seq_len, "seed": settings.seed}
     if settings.calib is None:  # the bundled sample holds ~55k tokens: fewer samples than most recipes ask
         overrides = {**BUNDLED_CALIBRATION, **{k: v for k, v in overrides.items() if v is not None}}
@@ -129,8 +131,9 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
 
     quantized_dir = output_dir / "quantized"
     quantize_record = stages.run(
-        "quantize", _key(source=source_sha, recipe=recipe.to_dict(), calib=calib_sha), quantized_dir,
-        lambda: _quantize(checkpoint, recipe, calib if calib_sha else None, quantized_dir, say))
+        "quantize", _key(source=source_sha, recipe=recipe.to_dict(), calib=calib_sha,
+                         numerics=target.activation_numerics.value), quantized_dir,
+        lambda: _quantize(checkpoint, recipe, calib if calib_sha else None, quantized_dir, target, say))
 
     artifact_dir = output_dir / "artifact"
     export_record = stages.run(
@@ -162,7 +165,7 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
     return ForgeResult(output_dir, report, stages.reused)
 
 
-def _quantize(checkpoint, recipe, calib: Path | None, output: Path, say) -> dict:
+def _quantize(checkpoint, recipe, calib: Path | None, output: Path, target, say) -> dict:
     from edgeforge.quantize import quantize_checkpoint
     from edgeforge.quantize.calibration import build_calibration
 
@@ -172,7 +175,8 @@ def _quantize(checkpoint, recipe, calib: Path | None, output: Path, say) -> dict
         seq_len = min(settings.seq_len, checkpoint.config.max_seq_len)
         calibration = build_calibration(calib, checkpoint.tokenizer, samples=settings.samples, seq_len=seq_len,
                                         seed=settings.seed)
-    result = quantize_checkpoint(checkpoint, recipe, calibration=calibration, output_dir=output, progress=say)
+    result = quantize_checkpoint(checkpoint, recipe, calibration=calibration, output_dir=output,
+                                 numerics=target.activation_numerics, progress=say)
     return {"seconds": round(result.seconds, 3), "algorithm": recipe.algorithm, "layers": result.manifest["layers"],
             "fallbacks": result.manifest["fallbacks"], "calibration": result.manifest["calibration"]}
 

@@ -47,3 +47,38 @@ def minilm_int8(minilm_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("minilm-int8") / "int8"
     quantize_checkpoint(checkpoint, recipe, calibration=calibration, output_dir=directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_slice(shared):
+    """The first layers and ids of the real SmolLM2-135M-Instruct as an fp32 HF directory (tests/realweights.py),
+    built once per machine into the test cache from the GGUF ``build.py`` fetches."""
+    from tests.realweights import BUILD_SCRIPT, smollm2_slice as build_slice
+
+    if not BUILD_SCRIPT.is_file():
+        pytest.fail(f"{BUILD_SCRIPT} is missing: the shared SmolLM2 folder must sit beside the repository")
+    return build_slice()
+
+
+@pytest.fixture(scope="session")
+def smollm2_slice_int4(smollm2_slice, tmp_path_factory):
+    """The SmolLM2 slice quantized with the data-free int4-xnnpack recipe (8da4w, g32 round-to-nearest)."""
+    from edgeforge.checkpoints import open_checkpoint
+    from edgeforge.quantize import load_recipe, quantize_checkpoint
+
+    directory = tmp_path_factory.mktemp("smollm2-int4") / "q"
+    quantize_checkpoint(open_checkpoint(smollm2_slice), load_recipe("int4-xnnpack"), calibration=None,
+                        output_dir=directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def stories_int4(tmp_path_factory):
+    """stories260K quantized with the data-free int4-xnnpack recipe (8da4w)."""
+    from edgeforge.checkpoints import DEFAULT_CHECKPOINT, open_checkpoint
+    from edgeforge.quantize import load_recipe, quantize_checkpoint
+
+    directory = tmp_path_factory.mktemp("stories-int4") / "stories-8da4w"
+    quantize_checkpoint(open_checkpoint(DEFAULT_CHECKPOINT), load_recipe("int4-xnnpack"), calibration=None,
+                        output_dir=directory)
+    return directory

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from edgeforge.checkpoints import DEFAULT_CHECKPOINT, open_checkpoint
 from edgeforge.cli import main
-from edgeforge.quantize import load_recipe, quantize_checkpoint
 from edgeforge.verify.bench import BenchSettings, bandwidth_ceiling, bench, decode_bytes_per_token, format_bench
 
 REPETITIONS = 2
@@ -23,16 +22,8 @@ TINY = BenchSettings(prompt_lengths=(4, 8), decode_tokens=4, repetitions=REPETIT
 
 
 @pytest.fixture(scope="module")
-def quantized_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("bench") / "stories-8da4w"
-    quantize_checkpoint(open_checkpoint(DEFAULT_CHECKPOINT), load_recipe("int4-xnnpack"), calibration=None,
-                        output_dir=directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def record(quantized_dir):
-    return bench(quantized_dir, settings=TINY)
+def record(stories_int4):
+    return bench(stories_int4, settings=TINY)
 
 
 def _positive_numbers(value, where="record"):
@@ -50,9 +41,9 @@ def _positive_numbers(value, where="record"):
             "prompt_token_ids" in where or ".cores" in where, f"{where} = {value}"
 
 
-def test_bench_quantized_checkpoint_against_fp32_reference(record, quantized_dir):
+def test_bench_quantized_checkpoint_against_fp32_reference(record, stories_int4):
     candidate, reference = record.candidate, record.reference
-    assert candidate.scheme == "8da4w" and candidate.path == str(quantized_dir)
+    assert candidate.scheme == "8da4w" and candidate.path == str(stories_int4)
     assert reference.scheme == "fp32" and reference.path == str(DEFAULT_CHECKPOINT), "reference from the manifest"
     assert [t.name for t in candidate.tests] == ["pp4", "pp8", "tg4"] == [t.name for t in reference.tests]
     for model in record.models:
@@ -136,11 +127,11 @@ def test_bad_lengths_are_one_line_errors(args, fragment):
     assert result.stderr.count("\n") == 1 and fragment in result.stderr and "Traceback" not in result.stderr
 
 
-def test_missing_reference_is_a_one_line_error(tmp_path, quantized_dir):
-    manifest = json.loads((quantized_dir / "edgeforge.json").read_text())
+def test_missing_reference_is_a_one_line_error(tmp_path, stories_int4):
+    manifest = json.loads((stories_int4 / "edgeforge.json").read_text())
     moved = tmp_path / "moved"
     moved.mkdir()
-    for file in quantized_dir.iterdir():
+    for file in stories_int4.iterdir():
         (moved / file.name).write_bytes(file.read_bytes())
     manifest["source"]["path"] = str(tmp_path / "gone.bin")
     (moved / "edgeforge.json").write_text(json.dumps(manifest))
@@ -150,15 +141,15 @@ def test_missing_reference_is_a_one_line_error(tmp_path, quantized_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["host", "onnx-cpu"])
-def test_bench_exported_artifact_in_its_runtime(tmp_path, quantized_dir, target):
+def test_bench_exported_artifact_in_its_runtime(tmp_path, stories_int4, target):
     from edgeforge.export import export
 
-    artifact = export(quantized_dir, target, tmp_path / "artifact", max_seq_len=64, check=False)  # not the guard's test
+    artifact = export(stories_int4, target, tmp_path / "artifact", max_seq_len=64, check=False)  # not the guard's test
     record = bench(artifact.path, settings=TINY)
     assert any("export guard did not run" in caveat for caveat in record.caveats)
     candidate = record.candidate
     assert candidate.format == artifact.format and candidate.backend.startswith(artifact.format)
     assert record.reference.path == str(DEFAULT_CHECKPOINT), "traced through the artifact and quantized manifests"
-    assert str(quantized_dir) in candidate.bytes_basis and candidate.ceiling.bytes_per_token > 0
+    assert str(stories_int4) in candidate.bytes_basis and candidate.ceiling.bytes_per_token > 0
     assert all(t.tok_s.median > 0 and len(t.samples_s) == REPETITIONS for t in candidate.tests)
     assert candidate.peak_rss_bytes > candidate.rss_after_import_bytes

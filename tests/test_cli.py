@@ -128,7 +128,18 @@ def test_tensor_count_mismatch(tmp_path):
 
 
 def test_missing_tokenizer():
-    assert_one_line_error(run("generate", STORIES / "hf"), str(STORIES / "hf"), "missing tokenizer")
+    assert_one_line_error(run("generate", STORIES / "hf"), str(STORIES / "hf"), "no tokenizer (tokenizer.json")
+
+
+@pytest.mark.parametrize("command", ["quantize", "forge"])
+def test_calibrated_recipe_without_a_tokenizer_fails_before_any_work(tmp_path, command):
+    """Pre-flight: GPTQ calibrates on text, and a directory of config + safetensors cannot encode any."""
+    out = tmp_path / "out"
+    target = ["--target", "onnx-cpu"] if command == "forge" else []
+    result = run(command, STORIES / "hf", "--recipe", "int4-gptq", *target, "-o", out)
+    assert_one_line_error(result, f"{STORIES / 'hf'}: no tokenizer (tokenizer.json, tokenizer.model",
+                          "recipe int4-gptq (gptq) calibrates on text", "int4-xnnpack")
+    assert not out.exists()
 
 
 def test_meta_checkpoint_with_pickled_objects_is_refused(tmp_path):

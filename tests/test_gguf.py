@@ -1,6 +1,9 @@
 """GGUF: logits parity (F32), rounding (F16/BF16), exact dequantization (Q8_0/Q4_0/Q4_1), RoPE scaling,
 the metadata vocabulary against SentencePiece and a trained byte-level BPE, and bad files."""
 
+import json
+from pathlib import Path
+
 import gguf
 import pytest
 import torch
@@ -132,7 +135,7 @@ def test_gguf_spm_vocabulary_matches_sentencepiece(tmp_path, shared, paragraphs)
         assert ours.decode(ids) == reference.decode(ids), text
 
 
-def test_gguf_add_bos_token_false_is_respected(tmp_path, shared):
+def test_gguf_spm_add_bos_token_false_is_respected(tmp_path, shared):
     config = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=512, hidden_dim=64, max_seq_len=64)
     vocab = {**_stories_vocab(shared), "add_bos": False}
     path = write_gguf(tmp_path / "model.gguf", config, core_state(random_llama(config)), tokenizer=vocab)
@@ -140,37 +143,107 @@ def test_gguf_add_bos_token_false_is_respected(tmp_path, shared):
     assert tokenizer.bos_id == 1 and tokenizer.encode("Once upon a time")[0] != 1
 
 
-@pytest.mark.parametrize("pre", ["llama-bpe", "gpt2"])
-def test_gguf_byte_level_bpe_matches_the_trained_tokenizer(tmp_path, paragraphs, pre):
-    import json
+@pytest.fixture(scope="module")
+def byte_level_vocab(paragraphs) -> dict:
+    """A byte-level BPE trained on GPT-2-split text (so merges join digits and spaces), as GGUF metadata."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trained.train_from_iterator(_documents(paragraphs) + SPLIT_TEXTS * 20, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    merges = json.loads(trained.to_str())["model"]["merges"]
+    tokens = [trained.id_to_token(i) for i in range(trained.get_vocab_size())]
+    return {"model": "gpt2", "tokens": tokens, "merges": [m if isinstance(m, str) else " ".join(m) for m in merges],
+            "token_types": [3 if token.startswith("<|") else 1 for token in tokens], "bos_id": 0, "eos_id": 1}
 
-    from edgeforge.checkpoints.gguf import _LLAMA3_SPLIT
 
-    reference = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))  # as in Llama 3's tokenizer.json
-    reference.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ]) if pre == "llama-bpe" else pre_tokenizers.ByteLevel(add_prefix_space=False)
-    reference.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
-    documents = paragraphs + ["\n\n".join(paragraphs[i:i + 3]) for i in range(0, len(paragraphs), 3)]  # "\n\n" splits differ
-    reference.train_from_iterator(documents, trainers.BpeTrainer(
-        vocab_size=640, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    model_json = json.loads(reference.to_str())["model"]
-    tokens = [reference.id_to_token(i) for i in range(reference.get_vocab_size())]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model_json["merges"]]
-    vocab = {"model": "gpt2", "pre": pre, "tokens": tokens, "merges": merges,
-             "token_types": [3 if token in specials else 1 for token in tokens], "bos_id": 0, "eos_id": 1}
-    config = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=len(tokens), hidden_dim=64, max_seq_len=64)
-    path = write_gguf(tmp_path / "model.gguf", config, core_state(random_llama(config)), tokenizer=vocab)
-    ours = open_checkpoint(path).tokenizer
-    assert (ours.kind, ours.bos_id, ours.eos_id) == ("gguf-gpt2", 0, 1)
-    for text in documents + ["naïve café — ünïcødé 日本 12345", "a line\n\nand  spaces <|end_of_text|>"]:
+def _byte_level_gguf(tmp_path, vocab: dict, name: str = "model", **fields) -> Path:
+    """A one-layer GGUF carrying ``vocab`` with the metadata ``fields`` (pre, add_bos) set."""
+    config = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=len(vocab["tokens"]), hidden_dim=64, max_seq_len=64)
+    return write_gguf(tmp_path / f"{name}.gguf", config, core_state(random_llama(config)),
+                      tokenizer={**vocab, **fields})
+
+
+def _documents(paragraphs: list[str]) -> list[str]:
+    return paragraphs + ["\n\n".join(paragraphs[i:i + 3]) for i in range(0, len(paragraphs), 3)]  # "\n\n" splits differ
+
+
+# text where the pre-tokenizers disagree: digits (ASCII and not), contractions, case, runs of spaces and newlines
+SPLIT_TEXTS = ["naïve café — ünïcødé 日本 12345 ٣٤٥ ²", "a line\n\nand  spaces <|end_of_text|>",
+               "I'LL it's WE'RE x1y22",
+               "def f(x):\n\treturn x**2  # 1,000,000\r\n", "   lead", "CamelCaseWords and UPPERlower", "3.14159/2"]
+
+
+def _reference(pre: str):
+    """The tokenizer.json pre-tokenizer of the family each name comes from, taken from transformers where it
+    keeps one (Llama 3, Qwen2, Tekken), else the family's own (GPT-2: ByteLevel; StarCoder/SmolLM2: digits first)."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    if pre in GGUF_PRE_TOKENIZER_SPLITS:
+        split = pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated")
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if pre in ("smollm", "starcoder", "refact") else byte_level
+
+
+@pytest.mark.parametrize("pre, adds_bos", [("llama-bpe", True), ("tekken", True), ("qwen2", False), ("dbrx", False),
+                                           ("gpt-2", False), ("smollm", False), ("starcoder", False)])
+def test_gguf_byte_level_bpe_splits_as_its_pre_tokenizer_name_says(tmp_path, paragraphs, byte_level_vocab, pre,
+                                                                   adds_bos):
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {t: i for i, t in enumerate(byte_level_vocab["tokens"])}
+    merges = [tuple(m.split(" ")) for m in byte_level_vocab["merges"]]
+    reference = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in ("llama-bpe", "tekken")))  # as their files
+    reference.pre_tokenizer, reference.decoder = _reference(pre), decoders.ByteLevel()
+    reference.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
+    ours = open_checkpoint(_byte_level_gguf(tmp_path, byte_level_vocab, pre=pre)).tokenizer
+    assert (ours.kind, ours.bos_id, ours.add_bos, ours.eos_ids) == (f"gguf-gpt2 ({pre})", 0, adds_bos, (1,))
+    for text in _documents(paragraphs) + SPLIT_TEXTS:
         ids = reference.encode(text).ids
-        assert ours.encode(text) == [0, *ids], text
+        assert ours.encode(text) == [0] * adds_bos + ids, (pre, text)
         assert ours.decode(ids) == reference.decode(ids), text
+
+
+def test_gguf_pre_tokenizers_tell_digit_splitting_apart(tmp_path, byte_level_vocab):
+    """smollm splits every digit before GPT-2's regex, gpt-2 keeps " 12345" whole, llama-bpe cuts 3 by 3."""
+    splits = {}
+    for pre in ("smollm", "gpt-2", "llama-bpe"):
+        tokenizer = open_checkpoint(_byte_level_gguf(tmp_path, byte_level_vocab, pre, pre=pre)).tokenizer
+        splits[pre] = tokenizer._tok.pre_tokenizer.pre_tokenize_str("x 12345")
+    assert [piece for piece, _ in splits["smollm"]] == ["x", "Ġ", "1", "2", "3", "4", "5"]
+    assert [piece for piece, _ in splits["gpt-2"]] == ["x", "Ġ12345"]
+    assert [piece for piece, _ in splits["llama-bpe"]] == ["x", "Ġ", "123", "45"]
+
+
+def test_gguf_add_bos_token_overrides_the_pre_tokenizer_default(tmp_path, byte_level_vocab):
+    tokenizer = open_checkpoint(_byte_level_gguf(tmp_path, byte_level_vocab, pre="llama-bpe", add_bos=False)).tokenizer
+    assert tokenizer.add_bos is False and tokenizer.encode("Once upon a time")[0] != 0
+
+
+def test_gguf_vocabulary_survives_quantization_as_a_tokenizer_json(tmp_path, paragraphs, byte_level_vocab):
+    """The quantized checkpoint of a GGUF carries its vocabulary as a tokenizer.json: same ids, BOS and end ids."""
+    from edgeforge.quantize import load_recipe, quantize_checkpoint
+
+    checkpoint = open_checkpoint(_byte_level_gguf(tmp_path, byte_level_vocab, pre="llama-bpe"))
+    quantize_checkpoint(checkpoint, load_recipe("int4-xnnpack"), calibration=None, output_dir=tmp_path / "int4")
+    ours, back = checkpoint.tokenizer, open_checkpoint(tmp_path / "int4").tokenizer
+    assert sorted(p.name for p in (tmp_path / "int4").glob("*.json") if "token" in p.name or "generation" in p.name) \
+        == ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert (back.add_bos, back.bos_id, back.eos_ids) == (ours.add_bos, ours.bos_id, ours.eos_ids) == (True, 0, (1,))
+    assert [t for t in _documents(paragraphs) + SPLIT_TEXTS if back.encode(t) != ours.encode(t)] == []
+
+
+def test_unknown_pre_tokenizer_is_refused_with_the_supported_names(tmp_path, byte_level_vocab):
+    path = _byte_level_gguf(tmp_path, byte_level_vocab, pre="jais-2")
+    with pytest.raises(UnsupportedError, match=r"model\.gguf: byte-level BPE pre-tokenizer 'jais-2' \(supported: "
+                                               r"llama3, .*smollm, .*default\)") as info:
+        open_checkpoint(path)
+    assert "\n" not in str(info.value)
 
 
 def test_unknown_tokenizer_model_is_refused(tmp_path):
@@ -212,3 +285,38 @@ def test_missing_metadata_key_is_named(tmp_path):
                       omit=("llama.block_count",))
     with pytest.raises(InputError, match=r"model\.gguf: missing metadata key 'llama\.block_count'"):
         open_checkpoint(path)
+
+
+SMOLLM2 = Path(__file__).resolve().parents[1] / "benchmarks" / "work" / "smollm2"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    if not (SMOLLM2 / "hf" / "greedy.json").exists():
+        pytest.fail(f"{SMOLLM2} is not built: python ../shared/models/smollm2-135m/build.py {SMOLLM2}")
+    return SMOLLM2
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_and_hf_directory_encode_alike_and_generate_transformers_greedy_text(smollm2, shared):
+    """The real SmolLM2-135M-Instruct: its GGUF ("smollm" pre-tokenizer, add_bos_token false) and the HF directory
+    transformers made from it give the same ids on varied text, and `edgeforge generate` reproduces transformers'
+    greedy continuations (24 tokens) from both."""
+    from click.testing import CliRunner
+
+    from edgeforge.cli import main
+
+    gguf_file, hf_dir = smollm2 / "smollm2-135m-instruct.q4_1.gguf", smollm2 / "hf"
+    from_gguf, from_hf = open_checkpoint(gguf_file).tokenizer, open_checkpoint(hf_dir).tokenizer
+    wiki = (shared / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    # ASCII digits only: transformers' GGUF conversion drops SmolLM2's digit split, which shows on other numerals
+    texts = [p for p in wiki.split("\n \n")[:300] if p.strip()] + SPLIT_TEXTS[1:] + [
+        "digits 0123456789 12 345 6789 3.14159 1,000,000", "<|im_start|>user\nHi<|im_end|>\n", "\t tabs\r\n"]
+    assert [t[:60] for t in texts if from_gguf.encode(t) != from_hf.encode(t)] == []
+    greedy = json.loads((hf_dir / "greedy.json").read_text())
+    for path in (hf_dir, gguf_file):
+        for prompt, expected in greedy.items():
+            assert from_gguf.encode(prompt) == expected["prompt_ids"]  # no BOS: this tokenizer adds none
+            result = CliRunner().invoke(main, ["generate", str(path), "--prompt", prompt, "-n", "24"])
+            assert result.exit_code == 0, result.output + result.stderr
+            assert result.stdout == prompt + expected["text"] + "\n", (path.name, prompt)

@@ -8,8 +8,12 @@ import torch.nn.functional as F
 
 from edgeforge.errors import ConfigError, UnknownNameError, UnsupportedError
 from edgeforge.quantize.activations import (
-    quantize_activations_per_token,
+    ActivationNumerics,
+    mlas_activation_block,
+    quantize_activations_dynamic,
+    quantize_activations_mlas,
     quantize_activations_static,
+    quantize_activations_xnnpack,
     static_activation_qparams,
 )
 from edgeforge.quantize.awq import awq_search_scales
@@ -154,15 +158,57 @@ def test_qparams_and_values_match_torchao(scheme):
     assert torch.equal(dequantize(qdata, scale, zero_point), ao_dq)
 
 
-def test_per_token_activation_quant_matches_torchao():
+def test_xnnpack_activations_are_per_token_asymmetric_int8_on_a_grid_through_zero():
+    activations = torch.randn(2, 7, 96, generator=generator(3)) * 3 + 0.5
+    activations[0, 0] = 0.0  # an all-zero token
+    activations[0, 1] = activations[0, 1].abs() + 1  # all positive: the range still reaches down to 0
+    dequantized = quantize_activations_xnnpack(activations)
+    low, high = activations.amin(-1, keepdim=True).clamp(max=0), activations.amax(-1, keepdim=True).clamp(min=0)
+    step = (high - low) / 255
+    assert torch.equal(dequantized[0, 0], torch.zeros(96))
+    assert (dequantized - activations).abs().le(step / 2 * (1 + 1e-5)).all()  # half a step, on each token's grid
+    codes = dequantized[0, 1:] / step[0, 1:]
+    assert (codes - codes.round()).abs().max() < 1e-3  # the grid holds 0 exactly: codes are whole steps from it
+
+
+def test_xnnpack_activations_agree_with_torchao_per_token_up_to_last_bit_roundings():
+    """torchao's 8da4w reference takes the same grid with scale (max - min) / 255 and multiplies by its
+    reciprocal; XNNPACK multiplies by 255 / (max - min): a code differs only where x sits on a rounding tie."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         _apply_int8_act_asym_per_token_quant_dequant,
     )
 
-    activations = torch.randn(2, 7, 96, generator=generator(3)) * 3 + 0.5
-    activations[0, 0] = 0.0  # an all-zero token
-    expected = _apply_int8_act_asym_per_token_quant_dequant(activations)
-    assert torch.equal(quantize_activations_per_token(activations), expected)
+    activations = torch.randn(4, 16, 96, generator=generator(31)) * 3 + 0.5
+    ours, torchao = quantize_activations_xnnpack(activations), _apply_int8_act_asym_per_token_quant_dequant(activations)
+    step = (activations.amax(-1, keepdim=True).clamp(min=0) - activations.amin(-1, keepdim=True).clamp(max=0)) / 255
+    assert ((ours - torchao).abs() <= step * (1 + 1e-5)).all()
+    assert ((ours - torchao).abs() > step / 2).float().mean() < 0.01
+
+
+def test_mlas_activations_are_symmetric_int8_per_block_of_k():
+    activations = torch.randn(3, 100, generator=generator(32))
+    activations[:, 5] = 400.0  # an outlier in the first block only
+    dequantized = quantize_activations_mlas(activations, 32)
+    for start in range(0, 100, 32):  # 100 = 3 blocks of 32 and a last block of 4
+        block = activations[:, start:start + 32]
+        step = block.abs().amax(-1, keepdim=True) / 127
+        error = (dequantized[:, start:start + 32] - block).abs()
+        assert (error <= step / 2 * (1 + 1e-5)).all(), f"block at {start}: error {error.max()} vs step {step.max()}"
+    assert torch.equal(quantize_activations_mlas(-activations, 32), -dequantized)
+    assert torch.equal(quantize_activations_mlas(torch.zeros(2, 40), 32), torch.zeros(2, 40))
+
+
+def test_mlas_activation_block_follows_the_matmul_nbits_block():
+    assert mlas_activation_block(576, 32) == 32 and mlas_activation_block(1536, 128) == 128
+    assert mlas_activation_block(576, None) == 32 and mlas_activation_block(576, 576) == 32  # one group: per channel
+    assert mlas_activation_block(24, None) == 16
+    x = torch.randn(5, 64, generator=generator(33))
+    assert torch.equal(quantize_activations_dynamic(x, ActivationNumerics.MLAS_INT8_BLOCK, group_size=None),
+                       quantize_activations_mlas(x, 32))
+    assert torch.equal(quantize_activations_dynamic(x, ActivationNumerics.XNNPACK, group_size=32),
+                       quantize_activations_xnnpack(x))
+    with pytest.raises(UnknownNameError, match="unknown activation numerics 'torchao'"):
+        ActivationNumerics.from_name("torchao")
 
 
 def test_static_activation_quant_stays_within_half_a_step_inside_the_range():
@@ -343,7 +389,7 @@ def test_smoothquant_lowers_w8a8_error_on_outlier_channels():
     reference = inputs @ weight.T
 
     def w8a8_error(scaled_inputs, scaled_weight):
-        approx = quantize_activations_per_token(scaled_inputs) @ fake_quantize_weight(scaled_weight, INT8_PER_CHANNEL).T
+        approx = quantize_activations_xnnpack(scaled_inputs) @ fake_quantize_weight(scaled_weight, INT8_PER_CHANNEL).T
         return relative_output_error(reference, approx)
 
     scales = smoothquant_scales(inputs.abs().amax(dim=0), [weight], alpha=0.5)

@@ -1,5 +1,6 @@
 """verify: drift of a quantized stories260K / MiniLM against the fp32 reference, the reference cache,
-gates and exit codes, the calibration-overlap refusal, and the JSON record."""
+gates (the recipe's bounds, max_kld_eager derived from the artifact's eager source) and exit codes,
+the calibration-overlap refusal, and the JSON record."""
 
 import json
 import re
@@ -13,13 +14,14 @@ from click.testing import CliRunner
 import edgeforge.verify.verify as verify_module
 from edgeforge.checkpoints import DEFAULT_CHECKPOINT, load_model, open_checkpoint
 from edgeforge.cli import main
-from edgeforge.errors import ConfigError
+from edgeforge.errors import ConfigError, InputError
 from edgeforge.quantize import load_quantized_model, load_recipe, quantize_checkpoint
 from edgeforge.quantize.calibration import build_calibration
 from edgeforge.verify.drift import summarize_drift, token_stats, token_windows
 from edgeforge.verify.models import open_for_eval
+from edgeforge.verify.report import format_verify_report
 from edgeforge.verify.reference import DEFAULT_TOP_K, decoder_reference, topk_token_stats
-from edgeforge.verify.verify import VerifyOptions, verify
+from edgeforge.verify.verify import EAGER_KLD_SEMS, EAGER_KLD_SLACK, VerifyOptions, eager_kld_bound, verify
 from tests.conftest import SHARED
 
 TEXT = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.txt"
@@ -49,6 +51,14 @@ def int4(texts, tmp_path_factory):
     directory = tmp_path_factory.mktemp("int4") / "q"
     quantize_checkpoint(checkpoint, recipe, calibration=calibration, output_dir=directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def int4_onnx(int4, tmp_path_factory):
+    """The int4 checkpoint exported for onnx-cpu: an artifact whose eager source is where its manifest says."""
+    from edgeforge.export import export
+
+    return export(int4, "onnx-cpu", tmp_path_factory.mktemp("onnx") / "onnx", max_seq_len=128).path
 
 
 def _cli(*args):
@@ -130,8 +140,8 @@ def test_planted_fault_fails_its_gate_with_exit_1(int4, texts, tmp_path):
 
     clean = _verify_cli(int4, texts["eval"], *LOOSE_GATES)
     assert clean.exit_code == 0, clean.output
-    assert re.search(r"^PASS: kld_mean \S+ <= max_kld 0.15; top1_agreement \S+ >= min_top1 0.75$", clean.stdout,
-                     re.MULTILINE)
+    assert re.search(r"^PASS: kld_mean \S+ <= max_kld 0.15; top1_agreement \S+ >= min_top1 0.75; "
+                     r"ppl_ratio \S+ <= max_ppl_ratio \S+$", clean.stdout, re.MULTILINE), clean.stdout
     faulty = tmp_path / "faulty"
     shutil.copytree(int4, faulty)
     tensors = load_file(faulty / "model.safetensors")
@@ -140,16 +150,19 @@ def test_planted_fault_fails_its_gate_with_exit_1(int4, texts, tmp_path):
     result = _verify_cli(faulty, texts["eval"], *LOOSE_GATES)
     assert result.exit_code == 1, result.output
     verdict = result.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"FAIL: kld_mean \S+ > max_kld 0.15; top1_agreement \S+ < min_top1 0.75", verdict), verdict
+    assert re.match(r"FAIL: kld_mean \S+ > max_kld 0.15; top1_agreement \S+ < min_top1 0.75", verdict), verdict
     assert "edgeforge: error:" in result.stderr and "Traceback" not in result.output
 
 
 def test_recipe_gates_are_the_default(int4, texts):
     result = _verify_cli(int4, texts["eval"], "--max-kld", "1e-9")  # the option overrides max_kld only
     assert result.exit_code == 1, result.output
-    assert "gates      from recipe int4-weight-only" in result.stdout
+    assert re.search(r"^gates      min_top1, max_ppl_ratio from recipe int4-weight-only in \S+edgeforge.json$",
+                     result.stdout, re.MULTILINE), result.stdout
+    assert "gates      max_kld from the command line" in result.stdout
     verdict = result.stdout.strip().splitlines()[-1]
-    assert verdict.startswith("FAIL: kld_mean") and "max_kld 1e-09" in verdict and "min_top1 0.83" in result.stdout
+    assert re.fullmatch(r"FAIL: kld_mean [0-9.]+ > max_kld 1e-09", verdict), verdict  # the recipe's gates passed
+    assert "max_kld_eager" not in result.stdout  # a quantized checkpoint is its own eager model
 
 
 def test_overlapping_text_is_refused_with_exit_2_unless_allowed(int4, texts):
@@ -188,8 +201,8 @@ def test_cli_json_record_has_the_documented_fields(int4, texts, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert {"kind", "schema_version", "created", "verdict", "verdict_line", "artifact", "reference", "data", "settings",
-            "drift", "embedding", "samples", "gates", "gates_source", "overlap", "reference_cache", "timing", "notes",
-            "versions"} <= set(record)
+            "drift", "embedding", "samples", "eager", "gates", "gates_source", "overlap", "reference_cache", "timing",
+            "notes", "versions"} <= set(record)
     assert record["kind"] == "edgeforge.verify" and record["schema_version"] == 1 and record["verdict"] == "pass"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["created"])
     assert record["artifact"]["kind"] == "quantized" and record["artifact"]["scheme"] == "4w"
@@ -202,7 +215,9 @@ def test_cli_json_record_has_the_documented_fields(int4, texts, tmp_path):
                 "top1_agreement_sem", "rms_delta_p", "rms_delta_p_sem"):
         assert isinstance(drift[key], float), key
     assert drift["token_count"] == 508 and len(record["samples"]["window_kld_mean_nats"]) == 4
-    assert [g["gate"] for g in record["gates"]] == ["max_kld", "min_top1"] and all(g["passed"] for g in record["gates"])
+    assert [g["gate"] for g in record["gates"]] == ["max_kld", "min_top1", "max_ppl_ratio"]
+    assert all(g["passed"] for g in record["gates"]) and [g["source"] for g in record["gates"]] == ["option"] * 2 + ["recipe"]
+    assert record["eager"] is None  # a quantized checkpoint is its own eager model
     assert record["overlap"]["method"] == "fingerprints" and record["overlap"]["overlapping_documents"] == 0
     assert record["versions"]["edgeforge"] and record["versions"]["torch"]
     only_json = _verify_cli(int4, texts["eval"], *LOOSE_GATES, "--json", "-")
@@ -241,28 +256,107 @@ def test_minilm_int8_embeddings_stay_close_to_fp32(minilm_dir, minilm_int8, text
         f"PASS: cosine_mean {embedding['cosine_mean']:.4g} >= min_cosine 0.995"
 
 
-def test_onnx_artifact_is_verified_in_onnxruntime_with_its_sources_lineage(int4, texts, tmp_path):
-    from edgeforge.export import export
-
-    artifact = export(int4, "onnx-cpu", tmp_path / "onnx", max_seq_len=128)
+def test_onnx_artifact_is_verified_in_onnxruntime_with_its_sources_lineage(int4, int4_onnx, texts):
     eager = verify(int4, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
-    report = verify(artifact.path, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
+    report = verify(int4_onnx, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
     assert report.artifact["kind"] == "artifact" and report.artifact["format"] == "onnx"
     assert report.reference_cache["hit"], "the eager run's reference results were not reused"
     assert report.overlap.method == "fingerprints"  # export copied the source's fingerprints into the artifact
-    assert report.overlap.source == str(artifact.path / "calibration.json")
-    assert [g.gate for g in report.gates] == ["max_kld", "min_top1"] and report.gates_source.startswith("recipe int4")
+    assert report.overlap.source == str(int4_onnx / "calibration.json")
+    assert [g.gate for g in report.gates] == ["max_kld", "min_top1", "max_ppl_ratio", "max_kld_eager"]
+    assert report.gates_source.startswith("recipe int4")
     assert not report.notes, report.notes  # the reference is the checkpoint the artifact was made from
     assert report.drift.kld_mean == pytest.approx(eager.drift.kld_mean, rel=0.1)  # runtime vs eager: same model
     with pytest.raises(ConfigError, match="exceeds the model's context 128"):
-        verify(artifact.path, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=256, windows=1))
-    runtime, eager_model = open_for_eval(artifact.path), open_for_eval(int4)  # the one forward() of both kinds
+        verify(int4_onnx, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=256, windows=1))
+    runtime, eager_model = open_for_eval(int4_onnx), open_for_eval(int4)  # the one forward() of both kinds
     tokens = torch.tensor([[1, 403, 29, 11, 70, 5]])
     for step in (slice(0, 5), slice(5, 6)):  # a prefill, then a decode step through each KV cache
         positions = torch.arange(step.start, step.stop)
         cosine = torch.nn.functional.cosine_similarity(runtime.forward(tokens[:, step], positions),
                                                        eager_model.forward(tokens[:, step], positions), dim=-1)
         assert cosine.min() > 0.9999, cosine
+
+
+def test_eager_kld_bound_is_the_eager_kld_plus_slack_plus_three_paired_sems():
+    # window differences 0.01, 0.01, 0.04: mean 0.02, sample sd sqrt(6e-4 / 2), sem = sd / sqrt(3) = 0.01
+    bound = eager_kld_bound([0.10, 0.20, 0.30], [0.11, 0.21, 0.34])
+    assert bound.windows == 3 and bound.eager_kld == pytest.approx(0.2, rel=1e-12)
+    assert bound.paired_sem == pytest.approx(0.01, rel=1e-12)
+    assert (EAGER_KLD_SLACK, EAGER_KLD_SEMS) == (0.05, 3.0)  # the values docs/gates.md justifies
+    assert bound.threshold == pytest.approx(0.2 * 1.05 + 3 * 0.01, rel=1e-12)
+    single = eager_kld_bound([0.5], [0.9])  # one window: no spread to measure, the slack alone
+    assert single.paired_sem == 0.0 and single.threshold == pytest.approx(0.525, rel=1e-12)
+    with pytest.raises(InputError, match="they must pair up"):
+        eager_kld_bound([0.1, 0.2], [0.1])
+
+
+def test_artifact_is_held_to_its_eager_source_which_is_run_once_and_cached(int4_onnx, texts, tmp_path):
+    options = VerifyOptions(seq_len=128, windows=4, cache_dir=tmp_path / "cache")
+    first = verify(int4_onnx, DEFAULT_CHECKPOINT, texts["eval"], options)
+    gate = first.gates[-1]
+    assert (gate.gate, gate.statistic, gate.source, gate.passed) == ("max_kld_eager", "kld_mean", "eager", True)
+    eager = first.eager
+    assert not eager["cache_hit"] and len(eager["window_kld_mean_nats"]) == 4 and first.timing["eager_seconds"] > 0
+    # 4w: onnxruntime runs the eager float arithmetic; logits agree to float32 rounding summed over the layers
+    # (~1e-6 of their scale), which moves a KLD of ~0.1 by far less than 1e-4 of itself
+    assert first.drift.kld_mean == pytest.approx(eager["kld_mean_nats"], rel=1e-4)
+    assert gate.threshold >= eager["kld_mean_nats"] * (1 + EAGER_KLD_SLACK)
+    second = verify(int4_onnx, DEFAULT_CHECKPOINT, texts["eval"], options)
+    assert second.eager == {**eager, "cache_hit": True} and second.timing["eager_seconds"] == 0
+    text = format_verify_report(second)
+    assert re.search(r"^eager      \S+ \(its quantized checkpoint\) on the same windows: KLD [0-9.]+ ± [0-9.]+, "
+                     r"top-1 [0-9.]+%, PPL ratio [0-9.]+ \(cached\)$", text, re.MULTILINE), text
+    assert re.search(r"^gates      max_kld_eager = eager source's KLD \S+ x 1.05 \+ 3 x paired sem \S+ \(4 windows\)$",
+                     text, re.MULTILINE), text
+
+
+def test_a_lowering_fault_in_one_layer_fails_max_kld_eager_with_exit_1(int4_onnx, texts, tmp_path):
+    """One layer's scales x4 in the ONNX file only, as a lowering bug would leave them; the eager source is intact."""
+    import onnx
+    from onnx import numpy_helper
+
+    faulty = tmp_path / "faulty"
+    shutil.copytree(int4_onnx, faulty)
+    graph = onnx.load(str(faulty / "model.onnx"))
+    scales = next(t for t in graph.graph.initializer if t.name == "layers.2.attention.wo.scales")
+    scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * 4, scales.name))
+    onnx.save(graph, str(faulty / "model.onnx"))
+    result = _verify_cli(faulty, texts["eval"])
+    assert result.exit_code == 1, result.output
+    verdict = result.stdout.strip().splitlines()[-1]  # KLD ~0.7: inside the int4 bounds, 2x its eager source's
+    assert re.fullmatch(r"FAIL: kld_mean [0-9.]+ > max_kld_eager [0-9.]+ \(the artifact drifts beyond its own "
+                        r"quantized checkpoint run eagerly: a fault in the lowering or the runtime, not the "
+                        r"quantization\)", verdict), verdict
+    assert "edgeforge: error:" in result.stderr and "Traceback" not in result.output
+
+
+def test_an_artifact_whose_eager_source_changed_or_went_keeps_the_recipe_bounds_with_a_note(int4, texts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from edgeforge.export import export
+
+    source = tmp_path / "q"
+    shutil.copytree(int4, source)
+    artifact = export(source, "onnx-cpu", tmp_path / "onnx", max_seq_len=128).path
+    skipped = _verify_cli(artifact, texts["eval"], "--no-eager")
+    assert skipped.exit_code == 0 and "max_kld_eager" not in skipped.stdout and "eager " not in skipped.stdout, \
+        skipped.output
+    tensors = load_file(source / "model.safetensors")
+    tensors["layers.0.attention.wo.scale"] *= 2
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    changed = _verify_cli(artifact, texts["eval"])
+    assert changed.exit_code == 0, changed.output
+    assert re.search(rf"^note       the quantized checkpoint {re.escape(str(source))} changed since this artifact was "
+                     r"exported from it \(sha256 \w{12}, recorded \w{12}\): max_kld_eager not applied$",
+                     changed.stdout, re.MULTILINE), changed.stdout
+    assert changed.stdout.strip().splitlines()[-1].startswith("PASS: kld_mean") and "max_kld_eager" not in \
+        changed.stdout.strip().splitlines()[-1]
+    shutil.rmtree(source)
+    gone = _verify_cli(artifact, texts["eval"])
+    assert gone.exit_code == 0, gone.output
+    assert "note       the quantized checkpoint this artifact was exported from is not where its manifest says: " \
+           "max_kld_eager not applied, only the recipe's bounds" in gone.stdout, gone.stdout
 
 
 @pytest.mark.slow
@@ -287,6 +381,7 @@ def test_pte_artifact_is_verified_in_executorch(texts, tmp_path):
     report = verify(artifact.path, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
     assert report.artifact["format"] == "pte" and report.reference_cache["hit"]
     assert report.drift.kld_mean == pytest.approx(eager.drift.kld_mean, rel=0.1)
+    assert report.gates[-1].gate == "max_kld_eager" and report.verdict == "pass", report.verdict_line
 
 
 def test_artifact_from_the_broken_int8_weight_only_xnnpack_lowering_fails_verify(texts, tmp_path):
@@ -306,6 +401,8 @@ def test_artifact_from_the_broken_int8_weight_only_xnnpack_lowering_fails_verify
     export(tmp_path / "q", claims_8w, tmp_path / "pte", max_seq_len=128, check=False)
     result = _cli("verify", tmp_path / "pte", "--reference", reference, "--data", texts["eval"], *WINDOWS)
     assert result.exit_code == 1, result.output
-    assert re.search(r"FAIL: kld_mean [0-9.]+ > max_kld 0.002", result.stdout), result.stdout
+    # a random model's distributions are nearly flat, so no absolute bound separates it: its eager source does
+    assert re.search(r"kld_mean [0-9.]+ > max_kld_eager [0-9.]+ \(the artifact drifts beyond its own quantized",
+                     result.stdout.strip().splitlines()[-1]), result.stdout
     eager = _cli("verify", tmp_path / "q", "--reference", reference, "--data", texts["eval"], *WINDOWS)
     assert eager.exit_code == 0, eager.output  # the same quantized weights, run eager, are fine

@@ -18,7 +18,7 @@ import torch
 
 from edgeforge.checkpoints.base import Checkpoint, LazyTensors, register_format
 from edgeforge.checkpoints.permute import interleaved_to_rotate_half
-from edgeforge.checkpoints.tokenizers import HFTokenizer, ScoredBPETokenizer
+from edgeforge.checkpoints.tokenizers import LLAMA3_SPLIT, HFTokenizer, ScoredBPETokenizer, bos_template
 from edgeforge.errors import ConfigError, InputError, UnsupportedError
 from edgeforge.models.llama import LlamaConfig, RopeScaling, rope_inverse_frequencies
 
@@ -27,9 +27,39 @@ _LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k
                 "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
                 "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3"}
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (gguf.TokenType)
-# Llama 3's pre-tokenizer split (tokenizer.ggml.pre == "llama-bpe"), as in its tokenizer.json.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreTokenizer:
+    """How llama.cpp (src/llama-vocab.cpp) splits text for one ``tokenizer.ggml.pre`` name before BPE: its
+    regexes applied one after another to the pieces left by the previous one, then GPT-2's byte mapping."""
+
+    splits: tuple[str, ...]  # regexes, in order; "digits": every \p{N} alone
+    ignore_merges: bool = False  # a piece that is a whole token is taken as is (Llama 3, Tekken)
+    add_bos: bool = False  # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
+
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's own
+_QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = PreTokenizer((LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
+_GPT2 = PreTokenizer((_GPT2_SPLIT,))
+_STARCODER = PreTokenizer(("digits", _GPT2_SPLIT))  # LLAMA_VOCAB_PRE_TYPE_STARCODER, _SMOLLM, _REFACT, ...
+_QWEN2 = PreTokenizer((_QWEN2_SPLIT,))
+PRE_TOKENIZERS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+                    _LLAMA3),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), PreTokenizer((LLAMA3_SPLIT,))),
+    # "gpt2" is the tokenizer model's name; llama.cpp itself writes (and reads) "gpt-2"
+    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais"), _GPT2),
+    **dict.fromkeys(("starcoder", "smollm", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), _STARCODER),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _QWEN2),
+    "tekken": PreTokenizer((_TEKKEN_SPLIT,), ignore_merges=True, add_bos=True),
+    # llama.cpp's fallback, also for files without tokenizer.ggml.pre
+    "default": PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]")),
+}
 
 
 def _is_gguf(path: Path) -> bool:
@@ -107,7 +137,8 @@ def open_gguf(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="gguf", architecture="llama", config=config, tensors=tensors,
                       tokenizer=_tokenizer(meta, path), files=[path],
                       metadata={"file_type": _file_type_name(meta.get("general.file_type")),
-                                "tensor_types": type_counts, "tokenizer_model": meta.get("tokenizer.ggml.model")})
+                                "tensor_types": type_counts, "tokenizer_model": meta.get("tokenizer.ggml.model"),
+                                "tokenizer_pre": meta.get("tokenizer.ggml.pre")})
 
 
 def _shape(tensor) -> tuple[int, ...]:
@@ -225,7 +256,10 @@ def _rope_scaling(meta: _Metadata, stored: dict, config: LlamaConfig, path: Path
 
 
 def _tokenizer(meta: _Metadata, path: Path):
-    """The vocabulary in the metadata as a tokenizer, or None when the file carries none."""
+    """The vocabulary in the metadata as a tokenizer, or None when the file carries none.
+
+    BOS as llama.cpp adds it: ``tokenizer.ggml.add_bos_token``, else on for SentencePiece vocabularies and
+    for the pre-tokenizers that set it (Llama 3, Tekken). Generation ends at the eos, eot and eom ids."""
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
         return None
@@ -235,44 +269,53 @@ def _tokenizer(meta: _Metadata, path: Path):
     if len(types) != len(tokens) or len(scores) != len(tokens):
         raise InputError(f"tokenizer has {len(tokens)} tokens but {len(scores)} scores and {len(types)} types",
                          path=path)
-    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    for key, value in (("bos", bos), ("eos", eos)):
+    ids = {}
+    for key in ("bos", "eos", "eot", "eom", "padding"):
+        value = meta.get(f"tokenizer.ggml.{key}_token_id")
         if value is not None and not 0 <= value < len(tokens):
             raise InputError(f"tokenizer.ggml.{key}_token_id {value} is outside the {len(tokens)}-token vocabulary",
                              path=path)
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+        ids[key] = value
+    stops = tuple(ids[key] for key in ("eot", "eom") if ids[key] is not None)
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if model == "llama":
         if not meta.get("tokenizer.ggml.add_space_prefix", True):
             raise UnsupportedError("SentencePiece vocabulary without the dummy-prefix space", path=path)
         control = {i for i, kind in enumerate(types) if kind == _CONTROL}
-        return ScoredBPETokenizer(tokens, scores, bos_id=1 if bos is None else bos, eos_id=2 if eos is None else eos,
-                                  space="\u2581", control_ids=control, add_bos=add_bos, kind="gguf-llama",
-                                  source=path)
+        bos, eos = 1 if ids["bos"] is None else ids["bos"], 2 if ids["eos"] is None else ids["eos"]
+        return ScoredBPETokenizer(tokens, scores, bos_id=bos, eos_id=eos, space="\u2581", control_ids=control,
+                                  add_bos=True if add_bos is None else bool(add_bos), eos_ids=stops,
+                                  kind="gguf-llama", source=path, files=[])
     if model == "gpt2":
-        tokenizer = HFTokenizer(_byte_level_bpe(meta, tokens, types, path), add_bos=add_bos, source=path,
-                                bos_token=None if bos is None else tokens[bos],
-                                eos_token=None if eos is None else tokens[eos])
-        tokenizer.kind = "gguf-gpt2"
-        return tokenizer
+        pre = meta.get("tokenizer.ggml.pre") or "default"
+        if pre not in PRE_TOKENIZERS:
+            raise UnsupportedError(f"byte-level BPE pre-tokenizer {pre!r} (supported: {', '.join(PRE_TOKENIZERS)})",
+                                   path=path)
+        rules = PRE_TOKENIZERS[pre]
+        add_bos = rules.add_bos if add_bos is None else bool(add_bos)
+        if add_bos and ids["bos"] is None:
+            raise InputError("tokenizer.ggml.add_bos_token is true but tokenizer.ggml.bos_token_id is not set",
+                             path=path)
+        names = {key: None if value is None else tokens[value] for key, value in ids.items()}
+        backend = _byte_level_bpe(meta, tokens, types, rules)
+        backend.post_processor = bos_template(backend, names["bos"] if add_bos else None)
+        return HFTokenizer(backend, bos_token=names["bos"], eos_token=names["eos"], pad_token=names["padding"],
+                           eos_ids=stops, source=path, kind=f"gguf-gpt2 ({pre})", files=[])
     raise UnsupportedError(f"tokenizer model {model!r} (supported: llama, gpt2)", path=path)
 
 
-def _byte_level_bpe(meta: _Metadata, tokens: list[str], types: list[int], path: Path):
-    """A ``tokenizers.Tokenizer`` for a GPT-2-style byte-level BPE vocabulary (tokens + merges)."""
+def _byte_level_bpe(meta: _Metadata, tokens: list[str], types: list[int], rules: PreTokenizer):
+    """A ``tokenizers.Tokenizer`` for a GPT-2-style byte-level BPE vocabulary (tokens + merges) split by ``rules``."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in ("gpt2", "llama-bpe"):
-        raise UnsupportedError(f"byte-level BPE pre-tokenizer {pre!r} (supported: gpt2, llama-bpe)", path=path)
     merges = [tuple(merge.split(" ", 1)) for merge in meta.require("tokenizer.ggml.merges")]
     vocab = {token: i for i, token in reversed(list(enumerate(tokens)))}  # first id wins
-    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre == "llama-bpe"))
-    if pre == "llama-bpe":
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=rules.ignore_merges))
+    steps = [pre_tokenizers.Digits(individual_digits=True) if split == "digits" else
+             pre_tokenizers.Split(Regex(split), behavior="isolated") for split in rules.splits]
+    # the regexes split the raw text; GPT-2's byte mapping comes last
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps + [pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                       use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                   for i, kind in enumerate(types) if kind == _CONTROL])

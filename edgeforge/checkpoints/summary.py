@@ -20,7 +20,8 @@ def summarize(checkpoint: Checkpoint) -> dict:
         "files": [str(f) for f in checkpoint.files],
         "tokenizer": None if tokenizer is None else {
             "kind": tokenizer.kind, "path": str(tokenizer.source) if tokenizer.source else None,
-            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
+            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "adds_bos": tokenizer.add_bos, "eos_ids": list(tokenizer.eos_ids)},
         "quantization": checkpoint.metadata.get("quantization"),
         "metadata": {k: v for k, v in checkpoint.metadata.items() if k != "quantization"},
     }
@@ -44,7 +45,9 @@ def format_summary(record: dict) -> str:
                        sorted(record["dtypes"].items(), key=lambda item: -item[1]))
     tok = record["tokenizer"]
     tokenizer = "none found" if tok is None else (
-        f"{tok['kind']} ({tok['path']}), vocab {tok['vocab_size']}, bos {tok['bos_id']}, eos {tok['eos_id']}")
+        f"{tok['kind']} ({tok['path']}), vocab {tok['vocab_size']}, bos {tok['bos_id']} "
+        f"({'added' if tok['adds_bos'] else 'not added'} by encode), "
+        f"ends at {', '.join(map(str, tok['eos_ids'])) or '-'}")
     quant = record["quantization"] or "none (full precision)"
     rows = [
         ("path", record["path"]),

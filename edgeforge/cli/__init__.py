@@ -11,14 +11,17 @@ import click
 
 from edgeforge import __version__
 from edgeforge.errors import EdgeforgeError
+from edgeforge.quiet import third_party_quiet
 
 
 class _Group(click.Group):
-    """Turns edgeforge's typed errors into one line on stderr and their exit code (traceback with --debug)."""
+    """Runs a command with third-party noise off stderr and turns edgeforge's typed errors into one line on
+    stderr and their exit code (with --debug: third-party output and the traceback)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with third_party_quiet(enabled=not ctx.params.get("debug")):
+                return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except EdgeforgeError as exc:
@@ -40,7 +43,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeforge")
-@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.option("--debug", is_flag=True, help="Show third-party warnings and logs, and the full traceback on errors.")
 def main(debug: bool) -> None:
     """Quantize, export and verify Llama and sentence-embedding models for devices.
 

@@ -36,6 +36,8 @@ def export(model, target, format_, output, max_seq_len, json_path) -> None:
 
 def format_export_summary(path, manifest: dict) -> str:
     """The export report as aligned lines."""
+    from edgeforge.export.guard import describe as describe_guard
+
     report, guard = manifest["report"], manifest["guard"]
     rows = [("artifact", f"{path / report['model_file']} ({manifest['format']}, {manifest['target']['name']}, "
                          f"{manifest['scheme']})"),
@@ -45,9 +47,7 @@ def format_export_summary(path, manifest: dict) -> str:
         outside = ", ".join(f"{op} x{n}" for op, n in report.get("ops_outside_delegate", {}).items()) or "none"
         rows.append(("delegated", f"{report['delegated_ops']}/{report['total_ops']} ops, "
                                   f"{report.get('delegated_parameter_share', 0):.1%} of parameters; outside: {outside}"))
-    rows.append(("guard", "not run: the target does not execute on this machine" if guard is None else
-                 f"passed: min cosine {guard['min_cosine']:.5f}, top-1 {guard['top1_agreement']:.3f} over "
-                 f"{guard['positions']} positions"))
+    rows.append(("guard", describe_guard(guard)))
     rows.append(("export", f"{report['export_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"))
     return "\n".join(f"{key:<10} {value}" for key, value in rows)
 

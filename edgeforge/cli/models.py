@@ -26,7 +26,8 @@ def inspect(checkpoint: str | None, format_: str | None, json_path: str | None) 
 
 @main.command()
 @_checkpoint_argument()
-@click.option("--prompt", "-p", default="", show_default=True, help="Text to continue (empty: start from BOS).")
+@click.option("--prompt", "-p", default="", show_default=True,
+              help="Text to continue, encoded as the tokenizer defines (BOS only if it adds one).")
 @click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens to generate.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0),
               help="0 for greedy decoding, above 0 to sample.")
@@ -39,6 +40,7 @@ def generate(checkpoint: str | None, prompt: str, max_new_tokens: int, temperatu
     import time
 
     from edgeforge.checkpoints import load_model
+    from edgeforge.checkpoints.tokenizers import TOKENIZER_FILES, end_of_sequence_ids
     from edgeforge.errors import InputError
     from edgeforge.generate import generate as run_generation
 
@@ -46,10 +48,9 @@ def generate(checkpoint: str | None, prompt: str, max_new_tokens: int, temperatu
     if ckpt.architecture != "llama":
         raise InputError(f"generate needs a decoder; this is a {ckpt.architecture} encoder", path=ckpt.path)
     if ckpt.tokenizer is None:
-        raise InputError("missing tokenizer (tokenizer.json, tokenizer.model or tok*.bin beside the weights)",
-                         path=ckpt.path)
+        raise InputError(f"no tokenizer ({TOKENIZER_FILES}) beside the checkpoint", path=ckpt.path)
     tokenizer, model = ckpt.tokenizer, load_model(ckpt)
-    prompt_ids = tokenizer.encode(prompt, bos=True)
+    prompt_ids = tokenizer.encode(prompt)  # BOS as the tokenizer adds it
     shown = ""
     new_ids: list[int] = []
 
@@ -65,7 +66,7 @@ def generate(checkpoint: str | None, prompt: str, max_new_tokens: int, temperatu
     click.echo(shown, nl=False)
     start = time.perf_counter()
     run_generation(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                   eos_id=tokenizer.eos_id, on_token=stream)
+                   eos_ids=end_of_sequence_ids(tokenizer), on_token=stream)
     elapsed = time.perf_counter() - start
     click.echo()
     click.echo(f"{len(new_ids)} tokens in {elapsed:.2f} s ({len(new_ids) / elapsed:.1f} tok/s, prompt "

@@ -17,18 +17,26 @@ from edgeforge.cli import main, _checkpoint_argument, _open, _progress, _emit_js
 @click.option("--samples", type=click.IntRange(1), help="Calibration samples (default: the recipe's).")
 @click.option("--seq-len", type=click.IntRange(2), help="Tokens per calibration sample (default: the recipe's).")
 @click.option("--seed", type=int, help="Seed for drawing calibration samples (default: the recipe's).")
+@click.option("--target", "-t", help="Target (see `edgeforge targets`) whose runtime arithmetic calibration sees, "
+                                     "e.g. onnx-cpu (default: XNNPACK's, as the ExecuTorch targets run).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Quantized checkpoint directory to write.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the manifest and timing as JSON to FILE ('-' for stdout).")
-def quantize(checkpoint, recipe, calib, samples, seq_len, seed, output, json_path) -> None:
+def quantize(checkpoint, recipe, calib, samples, seq_len, seed, target, output, json_path) -> None:
     """Quantize a checkpoint with a recipe and calibration text, block by block.
 
-    Example: edgeforge quantize ./Llama-3.2-1B --recipe int4-gptq --calib wiki.txt -o llama-int4
+    Example: edgeforge quantize ./Llama-3.2-1B --recipe int4-gptq --calib wiki.txt --target onnx-cpu -o llama-int4
     """
     from dataclasses import replace
 
     from edgeforge.quantize import load_recipe, quantize_checkpoint
+    from edgeforge.quantize.activations import DEFAULT_NUMERICS
     from edgeforge.quantize.calibration import build_calibration
 
+    numerics = DEFAULT_NUMERICS
+    if target is not None:
+        from edgeforge.export.targets import load_target
+
+        numerics = load_target(target).activation_numerics
     ckpt = _open(checkpoint)
     chosen = load_recipe(recipe)
     settings = replace(chosen.calibration, **{k: v for k, v in
@@ -47,7 +55,8 @@ def quantize(checkpoint, recipe, calib, samples, seq_len, seed, output, json_pat
             raise ConfigError(f"--seq-len {settings.seq_len} exceeds the model's context {ckpt.config.max_seq_len}")
         calibration = build_calibration(calib, ckpt.tokenizer, samples=settings.samples, seq_len=settings.seq_len,
                                         seed=settings.seed)
-    result = quantize_checkpoint(ckpt, chosen, calibration=calibration, output_dir=output, progress=_progress)
+    result = quantize_checkpoint(ckpt, chosen, calibration=calibration, output_dir=output, numerics=numerics,
+                                 progress=_progress)
     click.echo(format_quantize_summary(result))
     _emit_json({"output_dir": str(result.output_dir), "seconds": round(result.seconds, 3), **result.manifest},
                json_path)
@@ -66,7 +75,8 @@ def format_quantize_summary(result) -> str:
         sqnr = layer.get("output_sqnr_db", layer.get("weight_sqnr_db"))
         rows.append(f"{name:<28} {label:<14} {_num(err):>8} {_num(rtn):>8} {_num(sqnr, '.1f'):>8}")
     recipe = manifest["recipe"]
-    rows.append(f"recipe {recipe['name']} ({recipe['algorithm']}, activations {recipe['activations']}), "
+    rows.append(f"recipe {recipe['name']} ({recipe['algorithm']}, activations {recipe['activations']} as "
+                f"{manifest['activation_numerics']} rounds them), "
                 f"{len(manifest['fallbacks'])} fallback(s), {result.seconds:.1f} s -> {result.output_dir}")
     return "\n".join(rows)
 

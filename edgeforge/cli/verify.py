@@ -22,10 +22,12 @@ from edgeforge.cli import main, _progress, _emit_json
 @click.option("--min-top1", type=float, help="Gate: top-1 agreement at least this, 0..1 (default: the recipe's).")
 @click.option("--max-ppl-ratio", type=float, help="Gate: PPL(model)/PPL(reference) at most this (default: the recipe's).")
 @click.option("--min-cosine", type=float, help="Gate: mean embedding cosine at least this (default: the recipe's).")
+@click.option("--no-eager", is_flag=True,
+              help="Decoder artifacts: skip running the source quantized checkpoint eagerly, and its max_kld_eager gate.")
 @click.option("--allow-overlap", is_flag=True, help="Measure even when the text overlaps the calibration text.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the record as JSON to FILE ('-' for stdout only).")
 def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_dir, no_cache, max_kld, min_top1,
-           max_ppl_ratio, min_cosine, allow_overlap, json_path) -> None:
+           max_ppl_ratio, min_cosine, no_eager, allow_overlap, json_path) -> None:
     """Run an artifact (or a checkpoint) and measure its drift from the fp32 reference; gate on it.
 
     Example: edgeforge verify llama-int4.pte.d --reference ./Llama-3.2-1B --data wiki.test.raw --max-kld 0.05
@@ -35,7 +37,7 @@ def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_
 
     given = {"seq_len": seq_len, "windows": windows, "sentences": sentences, "top_k": top_k, "cache_dir": cache_dir,
              "max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio, "min_cosine": min_cosine}
-    options = VerifyOptions(use_cache=not no_cache, allow_overlap=allow_overlap,
+    options = VerifyOptions(use_cache=not no_cache, allow_overlap=allow_overlap, eager=not no_eager,
                             **{k: v for k, v in given.items() if v is not None})
     report = run_verify(artifact, reference, data, options, progress=_progress)
     if json_path != "-":

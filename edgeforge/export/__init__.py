@@ -3,8 +3,9 @@
     from edgeforge.export import export
     artifact = export("llama-int4", "android-arm64-xnnpack", "out/llama.pte.d")
 
-Every export runs the new artifact in its real runtime against the eager model (the miscompile
-guard) before the directory is renamed into place; a wrong artifact is never written.
+Every export runs the new artifact in its real runtime against the eager model, and where they
+disagree its drift from the fp32 model against the eager model's (the miscompile guard, two tiers),
+before the directory is renamed into place; a wrong artifact is never written.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgeforge import __version__
+from edgeforge.checkpoints.tokenizers import tokenizer_policy
 from edgeforge.errors import ConfigError
 from edgeforge.export.artifact import KIND, MANIFEST, SCHEMA_VERSION, Artifact, exporter_for, open_artifact
 from edgeforge.export.guard import check_decoder
-from edgeforge.export.source import ExportSource, open_source
+from edgeforge.export.source import ExportSource, open_fp32_reference, open_source
 from edgeforge.export.targets import Target, list_targets, load_target, supporting_targets
 from edgeforge.fileio import atomic_directory, write_json_atomic
+from edgeforge.quantize.modules import set_activation_numerics
 
 __all__ = ["Artifact", "ExportSource", "Target", "export", "list_targets", "load_target", "open_artifact",
            "open_source"]
@@ -41,6 +44,7 @@ def export(source_path: str | Path, target: str | Target, output_dir: str | Path
         raise ConfigError(f"target {target.name} produces {target.format}, not {format}; "
                           f"{format} targets: {', '.join(n for n in list_targets() if load_target(n).format == format)}")
     source = open_source(source_path)
+    set_activation_numerics(source.model, target.activation_numerics)  # the guard's oracle computes as the target
     if source.scheme not in target.schemes:
         others = supporting_targets(source.scheme)
         raise ConfigError(f"target {target.name} does not run scheme {source.scheme} (it runs "
@@ -53,34 +57,61 @@ def export(source_path: str | Path, target: str | Target, output_dir: str | Path
         raise ConfigError(f"--max-seq-len {max_seq_len} outside 1..{context} (the model's context)")
     exporter = exporter_for(target.format)
     start = time.perf_counter()
+    phase = _PhaseClock(say)
     with atomic_directory(output_dir) as tmp:
         say(f"exporting {source.path} ({source.scheme}) for {target.name} ...")
-        report = exporter.export(source, target, tmp, max_seq_len=max_seq_len)
+        report = exporter.export(source, target, tmp, max_seq_len=max_seq_len, phase=phase)
+        phase("files", "tokenizer, manifest")
         for file in source.tokenizer_files:
             shutil.copyfile(file, tmp / file.name)
         if (source.path / "calibration.json").is_file():  # verify's overlap check reads it from the artifact
             shutil.copyfile(source.path / "calibration.json", tmp / "calibration.json")
         manifest = _manifest(source, target, report, max_seq_len)
         if check and target.runs_here:
-            say("checking the artifact against the eager model ...")
+            phase("check", "the artifact in its runtime against the eager model")
             session = exporter.open(tmp, manifest)
             widened = report.get("guard_tolerance")  # the exporter's documented tolerance, kept in the manifest
             tolerance = (widened["min_cosine"], widened["min_top1"]) if widened else None
             if source.architecture == "llama":
+                fp32_model = (lambda: open_fp32_reference(source)) if source.manifest else None
                 manifest["guard"] = check_decoder(session, source.model, scheme=source.scheme,
-                                                  max_seq_len=max_seq_len, tolerance=tolerance).to_dict()
+                                                  max_seq_len=max_seq_len, tolerance=tolerance,
+                                                  fp32_model=fp32_model, tokenizer=source.tokenizer)
             else:
                 from edgeforge.export.guard import check_encoder
 
                 manifest["guard"] = check_encoder(session, source.model, source.tokenizer,
-                                                  scheme=source.scheme, tolerance=tolerance).to_dict()
+                                                  scheme=source.scheme, tolerance=tolerance)
         else:
             manifest["guard"] = None
+        phase("size", "against what the scheme implies")
         manifest["report"].update(_size_report(tmp / report["model_file"], source))
+        phase.stop()
         manifest["report"]["export_seconds"] = round(time.perf_counter() - start, 3)
+        manifest["report"]["phase_seconds"] = phase.seconds
         manifest["report"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         write_json_atomic(tmp / MANIFEST, manifest)
     return open_artifact(output_dir)
+
+
+class _PhaseClock:
+    """``phase(name, what)`` starts a named phase of an export: says it with the seconds since the export
+    began, and adds the time until the next phase (or ``stop()``) to ``seconds[name]``."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.start, self.seconds = say, time.perf_counter(), {}
+        self._running: tuple[str, float] | None = None
+
+    def __call__(self, name: str, what: str = "") -> None:
+        self.stop()
+        self._running = (name, time.perf_counter())
+        self.say(f"{self._running[1] - self.start:7.1f} s  {name}" + (f": {what}" if what else ""))
+
+    def stop(self) -> None:
+        if self._running is not None:
+            name, began = self._running
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - began, 3)
+            self._running = None
 
 
 def _manifest(source: ExportSource, target: Target, report: dict, max_seq_len: int) -> dict:
@@ -94,6 +125,7 @@ def _manifest(source: ExportSource, target: Target, report: dict, max_seq_len: i
                    "recipe": source.manifest["recipe"]["name"] if source.manifest else None,
                    "calibration": source.manifest.get("calibration") if source.manifest else None},
         "tokenizer_files": [f.name for f in source.tokenizer_files],
+        "tokenizer": tokenizer_policy(source.tokenizer),  # runners prepend BOS only where adds_bos
         "report": dict(report),
         "versions": {"edgeforge": __version__, "torch": torch.__version__, **report.pop("versions", {})},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

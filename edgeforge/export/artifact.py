@@ -8,6 +8,7 @@ A format is added by adding a module that registers an :class:`Exporter`; nothin
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,13 +37,18 @@ class Session(Protocol):
 class Exporter(Protocol):
     name: str  # the target format it produces: "pte", "onnx"
 
-    def export(self, source, target, out_dir: Path, *, max_seq_len: int) -> dict:
-        """Write the model file(s) into ``out_dir`` (a fresh temporary directory); return report fields:
+    def export(self, source, target, out_dir: Path, *, max_seq_len: int, phase: Callable[[str, str], None]) -> dict:
+        """Write the model file(s) into ``out_dir`` (a fresh temporary directory), calling ``phase(name, what)``
+        as each long step starts (export() prints it with the elapsed time); return report fields:
         at least ``model_file`` (relative name), and where known ``delegated_ops``, ``total_ops``,
         ``ops_outside_delegate`` (op name -> count), ``delegated_parameter_share``."""
 
     def open(self, artifact_dir: Path, manifest: dict) -> Session:
         """Load the artifact in its real runtime."""
+
+
+def no_phase(name: str, what: str = "") -> None:
+    """The ``phase`` callback of a caller that does not follow an export's progress."""
 
 
 _EXPORTERS: dict[str, Exporter] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgeforge.checkpoints.tokenizers import HFTokenizer
 from edgeforge.export.onnx_llama import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 SPIECE_SPACE = "\u2581"
@@ -59,11 +60,15 @@ def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | Non
 
 
 def write_tokenizer_json(tokenizer, out_dir: Path) -> str | None:
-    """Write tokenizer.json + tokenizer_config.json for a SentencePiece-style tokenizer; return None when
+    """Write tokenizer.json + tokenizer_config.json for a tokenizer that is not one already (SentencePiece,
+    scored vocabularies, tiktoken ranks, GGUF byte-level vocabularies) with its BOS policy; return None when
     written, else why not (the caller records it in the report)."""
     source = getattr(tokenizer, "source", None)
     if tokenizer is None:
         return "the checkpoint has no tokenizer"
+    if isinstance(tokenizer, HFTokenizer):  # built in memory (tiktoken ranks, GGUF byte-level): saved as it is
+        tokenizer.save(out_dir)
+        return None
     if tokenizer.kind == "sentencepiece":
         spec = _sentencepiece_spec(Path(source))
     elif tokenizer.kind == "llama2c-tok.bin" or hasattr(tokenizer, "pieces"):
@@ -72,14 +77,13 @@ def write_tokenizer_json(tokenizer, out_dir: Path) -> str | None:
         return f"no tokenizer.json conversion for a {tokenizer.kind} tokenizer"
     if isinstance(spec, str):
         return spec
-    fast = _bpe_tokenizer(**spec, bos=spec["pieces"][tokenizer.bos_id] if tokenizer.bos_id is not None else None)
+    names = dict(enumerate(spec["pieces"]))
+    fast = _bpe_tokenizer(**spec, bos=names[tokenizer.bos_id] if tokenizer.add_bos else None)
     fast.save(str(out_dir / "tokenizer.json"))
-    names = spec["pieces"]
-    special = {"bos_token": names[tokenizer.bos_id] if tokenizer.bos_id is not None else None,
-               "eos_token": names[tokenizer.eos_id] if tokenizer.eos_id is not None else None,
+    special = {"bos_token": names.get(tokenizer.bos_id), "eos_token": names.get(tokenizer.eos_id),
                "unk_token": names[spec["unk_id"]] if spec["unk_id"] is not None else None}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": tokenizer.bos_id is not None,
+        {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": tokenizer.add_bos,
          "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": True}, indent=2) + "\n")
     return None
 

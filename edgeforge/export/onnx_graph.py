@@ -9,8 +9,8 @@ never re-quantized:
   column in the low nibble; ``q + 128`` for 8 bits), [N, blocks, block_size * bits / 8]; its scales
   are ours [N, blocks]. A per-channel layer (one scale per row) is written in blocks of a size the CPU
   kernel takes (16..256, see :func:`nbits_block_size`) with its row scale repeated in every block, which
-  is the same matrix. ``accuracy_level=4`` (int8 activations, blockwise symmetric) for dynamic int8
-  activations, the default (float activations) for weight-only.
+  is the same matrix. ``accuracy_level=4`` (int8 activations, blockwise symmetric: the eager model's
+  ``mlas-int8-block`` numerics) for dynamic int8 activations, the default (float activations) for weight-only.
 - static int8 activations become a QDQ pair with the calibrated scale and zero point in front of
   ``MatMul``, whose int8 weight goes through a per-channel ``DequantizeLinear`` (axis 1 of Wᵀ):
   the form NPU execution providers (QNN) turn into integer kernels.
@@ -25,14 +25,13 @@ import torch
 from torch import nn
 
 from edgeforge.errors import UnsupportedError
+from edgeforge.quantize.activations import MLAS_BLOCK_SIZES, mlas_activation_block
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear
 from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, pack_int4
 
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; 10 is the IR of opset 21
 MS_DOMAIN = "com.microsoft"
-NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)  # what onnxruntime's CPU MatMulNBits kernel accepts
-DYNAMIC_ACTIVATION_BLOCK = 32  # per-channel layers with int8 activations: activation quantization span
 EXTERNAL_DATA_ALIGNMENT = 4096
 FLOAT_MIN = float(np.finfo(np.float32).min)  # additive mask: finite, so a fully masked row cannot give NaN
 
@@ -229,28 +228,27 @@ def nbits_block_size(module: QuantizedLinear, name: str, *, accuracy_level: int)
     """MatMulNBits' block_size for a layer: its group size, or for per-channel scales (which any block
     size holds: the row scale is repeated in each block)
 
-    - with int8 activations (accuracy_level 4), DYNAMIC_ACTIVATION_BLOCK: the block is also the span
-      over which onnxruntime quantizes the activations, and long spans lose accuracy on inputs with
-      outlier channels (all-MiniLM-L6-v2 int8: cosine to fp32 0.9992 at 32, 0.9982 at 128);
+    - with int8 activations (accuracy_level 4), :func:`~edgeforge.quantize.activations.mlas_activation_block`:
+      the block is also the span over which onnxruntime quantizes the activations;
     - with float activations, the size the CPU kernel takes that stores the row in the fewest bytes,
       padding and repeated scales included, the larger on a tie.
     """
     in_features, groups = module.qdata.shape[1], module.scale.shape[1]
     if groups > 1:
         group_size = in_features // groups
-        if group_size not in NBITS_BLOCK_SIZES:
+        if group_size not in MLAS_BLOCK_SIZES:
             raise UnsupportedError(f"{name}: group size {group_size} cannot be lowered to MatMulNBits, whose "
-                                   f"block size must be one of {', '.join(map(str, NBITS_BLOCK_SIZES))}")
+                                   f"block size must be one of {', '.join(map(str, MLAS_BLOCK_SIZES))}")
         return group_size
     if accuracy_level == 4:
-        return DYNAMIC_ACTIVATION_BLOCK if in_features >= DYNAMIC_ACTIVATION_BLOCK else NBITS_BLOCK_SIZES[0]
+        return mlas_activation_block(in_features, None)
     bits = module.scheme.bits
 
     def row_bytes(size: int) -> float:
         blocks = -(-in_features // size)
         return blocks * size * bits / 8 + blocks * (4 + (module.zero_point is not None))
 
-    return min(NBITS_BLOCK_SIZES, key=lambda size: (row_bytes(size), -size))
+    return min(MLAS_BLOCK_SIZES, key=lambda size: (row_bytes(size), -size))
 
 
 def nbits_tensors(module: QuantizedLinear, block_size: int) -> dict[str, np.ndarray]:

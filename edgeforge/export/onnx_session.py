@@ -26,21 +26,34 @@ def provider_for(backend: str) -> str:
     return provider if provider in onnxruntime.get_available_providers() else "CPUExecutionProvider"
 
 
+def stands_in(backend: str) -> bool:
+    """Whether the CPU provider runs an artifact whose target's provider this onnxruntime lacks."""
+    return provider_for(backend) != PROVIDERS.get(backend, "CPUExecutionProvider")
+
+
 def inference_session(model_file: Path, *, provider: str = "CPUExecutionProvider", threads: int | None = None,
-                      spin: bool = False):
+                      spin: bool = False, qdq_as_defined: bool = False):
     """An onnxruntime session on ``model_file`` (external data is read from beside it).
 
     threads: intra-op threads (onnxruntime's default: one per core). spin: let idle worker threads
     busy-wait for the next op (onnxruntime's default; lower latency, but the spinning threads take the
-    cores from whatever runs between two calls, such as the eager model in the guard).
+    cores from whatever runs between two calls, such as the eager model in the guard). qdq_as_defined:
+    run QuantizeLinear/DequantizeLinear pairs as the ONNX spec defines them (float arithmetic on rounded
+    values) instead of fusing them into the CPU provider's own int8 kernels, which compute something else
+    (on AVX2 without VNNI their u8·s8 pair sums can saturate); for the CPU standing in for an NPU.
     """
     import onnxruntime
 
+    from edgeforge.quiet import onnxruntime_severity
+
+    onnxruntime.set_default_logger_severity(onnxruntime_severity())  # messages from outside the session
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = onnxruntime_severity()
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if qdq_as_defined:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if provider not in onnxruntime.get_available_providers():
         raise RuntimeFailure(f"onnxruntime {onnxruntime.__version__} here has no {provider} (it has "
                              f"{', '.join(onnxruntime.get_available_providers())})")

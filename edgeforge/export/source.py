@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from edgeforge.checkpoints import Checkpoint, load_model, open_checkpoint
+from edgeforge.errors import InputError
 from edgeforge.export.targets import scheme_name
 
 
@@ -38,3 +39,20 @@ def open_source(path: str | Path) -> ExportSource:
     return ExportSource(path=checkpoint.path, architecture=checkpoint.architecture, config=checkpoint.config,
                         model=model, tokenizer=tokenizer, tokenizer_files=files, scheme=scheme_name(manifest),
                         manifest=manifest, sha256=checkpoint.content_hash())
+
+
+def open_fp32_reference(source: ExportSource) -> nn.Module:
+    """The fp32 model a quantized source was made from: the checkpoint its manifest names, refused (InputError)
+    when it is missing or its content no longer has the sha256 the manifest records."""
+    recorded = source.manifest.get("source") or {}
+    if not recorded.get("path") or not recorded.get("sha256"):
+        raise InputError("the manifest records no fp32 source (path and sha256)", path=source.path / "edgeforge.json")
+    path = Path(recorded["path"])
+    if not path.exists():
+        raise InputError("the fp32 checkpoint this model was quantized from is missing", path=path)
+    checkpoint = open_checkpoint(path)
+    found = checkpoint.content_hash()
+    if found != recorded["sha256"]:
+        raise InputError(f"the fp32 checkpoint has sha256 {found[:12]}..., not the {recorded['sha256'][:12]}... "
+                         "this model was quantized from", path=path)
+    return load_model(checkpoint).eval()

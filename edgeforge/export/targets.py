@@ -1,7 +1,9 @@
 """Device/backend target profiles: TOML data files listed by `edgeforge targets`.
 
 A target names the artifact format, the backend (partitioner or execution provider), the schemes
-it runs, its memory budget, and how its latency is measured.
+it runs, the run-time arithmetic of its quantized linears (``activation_numerics``: ``xnnpack`` or
+``mlas-int8-block``, see :mod:`edgeforge.quantize.activations`; absent: ``xnnpack``), its memory budget,
+and how its latency is measured.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeforge.errors import ConfigError
+from edgeforge.errors import ConfigError, UnknownNameError
 from edgeforge.fileio import named_toml, read_toml
+from edgeforge.quantize.activations import DEFAULT_NUMERICS, ActivationNumerics
 
 TARGET_DIR = Path(__file__).resolve().parent.parent / "targets"
-_KEYS = {"description", "format", "backend", "schemes", "memory_budget_mb", "latency", "runs_here"}
+_KEYS = {"description", "format", "backend", "schemes", "memory_budget_mb", "latency", "runs_here",
+         "activation_numerics"}
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,10 @@ class Target:
     latency: str
     description: str = ""
     runs_here: bool = True  # False: the artifact cannot be executed (or checked) on this machine
+    activation_numerics: ActivationNumerics = DEFAULT_NUMERICS  # how its runtime rounds dynamic int8 activations
 
     def to_dict(self) -> dict:
-        return {**vars(self), "schemes": list(self.schemes)}
+        return {**vars(self), "schemes": list(self.schemes), "activation_numerics": self.activation_numerics.value}
 
 
 def list_targets() -> dict[str, Path]:
@@ -45,9 +50,14 @@ def load_target(name_or_path: str | Path) -> Target:
     missing = [key for key in ("format", "backend", "schemes", "memory_budget_mb", "latency") if key not in data]
     if missing:
         raise ConfigError(f"target key '{missing[0]}' is required", path=path)
+    try:
+        numerics = ActivationNumerics.from_name(data.get("activation_numerics", DEFAULT_NUMERICS.value))
+    except UnknownNameError as exc:
+        raise ConfigError(f"target key 'activation_numerics': {exc.problem}", path=path) from None
     return Target(name=path.stem, format=data["format"], backend=data["backend"], schemes=tuple(data["schemes"]),
                   memory_budget_mb=int(data["memory_budget_mb"]), latency=data["latency"],
-                  description=data.get("description", ""), runs_here=bool(data.get("runs_here", True)))
+                  description=data.get("description", ""), runs_here=bool(data.get("runs_here", True)),
+                  activation_numerics=numerics)
 
 
 def scheme_name(manifest: dict | None) -> str:

@@ -1,30 +1,103 @@
-"""Activation fake-quantization: what XNNPACK computes on a quantized linear's input, in float.
+"""Activation fake-quantization: what the target runtime computes on a quantized linear's input, in float.
 
-Both kinds are asymmetric int8 in [-128, 127] with the arithmetic of :mod:`edgeforge.quantize.scheme`.
-Dynamic quantization takes one scale and zero point per token (the last dimension), computed at run
-time from the token's own min/max; it matches torchao's ``_apply_int8_act_asym_per_token_quant_dequant``
-(the activation half of ``Int8DynamicActivationIntxWeightConfig``, ExecuTorch's 8da4w/8da8w) bit for
-bit. Static quantization uses one scale and zero point per tensor, calibrated ahead of time.
+Dynamic int8 activations (8da4w, 8da8w) are quantized at run time, and each runtime does it its own way;
+the eager model follows the one named by its :class:`ActivationNumerics`, so that a quantized linear
+computes what the runtime computes, up to float32 summation order:
+
+- ``xnnpack``: XNNPACK's dynamically quantized fully-connected (qd8), what ExecuTorch's 8da4w/8da8w run.
+  Asymmetric int8 per token (row), from ``xnn_qd8_asymmetric_quantization_params``
+  (src/xnnpack/quantization.h): ``[rmin, rmax] = [min(x, 0), max(x, 0)]``; the quantization multiplier
+  ``m = 255 / (rmax - rmin)`` (1 for an all-zero row); the zero point ``qmin - rmin·m`` or ``qmax - rmax·m``
+  (the one the row's range leans to), clamped to int8 and rounded half to even (``lrintf``);
+  ``q = clamp(round(x·m) + z)`` (the f32-qs8 convert kernel); dequantized with ``1 / m``. XNNPACK's
+  blockwise (qb4w) kernels also hold group-wise weight scales in bf16, see
+  :func:`edgeforge.quantize.modules.runtime_weight_scale`.
+- ``mlas-int8-block``: onnxruntime's MatMulNBits with accuracy_level 4 (MLAS SQNBitGemm CompInt8,
+  ``QuantizeARow_CompInt8_avx2``/``_avx512``, 4- and 8-bit weights alike). Symmetric int8 per block of
+  :func:`mlas_activation_block` inputs along K: ``scale = amax / 127``, ``q = round(x · (127 / amax))``
+  (half to even; 0 for an all-zero block); the last block of a K that it does not divide spans only the
+  remaining inputs.
+
+Static int8 activations (w8a8-static) use one calibrated scale and zero point per tensor, with the
+arithmetic of :mod:`edgeforge.quantize.scheme`, whichever the runtime.
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 import torch
 
 from edgeforge.quantize.scheme import (
     dequantize_values,
+    member_named,
     qparams_from_range,
     quantize_values,
 )
 
 INT8_MIN, INT8_MAX = -128, 127
+MLAS_BLOCK_SIZES = (16, 32, 64, 128, 256)  # block sizes onnxruntime's CPU MatMulNBits kernel accepts
+MLAS_PER_CHANNEL_BLOCK = 32  # per-channel layers: the span MLAS quantizes activations over (see mlas_activation_block)
 
 
-def quantize_activations_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize `x` [..., in] to asymmetric int8 with per-token qparams."""
-    scale, zero_point = qparams_from_range(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True),
-                                           qmin=INT8_MIN, qmax=INT8_MAX, symmetric=False)
-    return _fake_quantize(x, scale, zero_point)
+class ActivationNumerics(str, Enum):
+    """Whose run-time arithmetic a linear's dynamic int8 activations follow: the target runtime's."""
+
+    XNNPACK = "xnnpack"  # ExecuTorch XNNPACK qd8: asymmetric per token, bf16 group-wise weight scales
+    MLAS_INT8_BLOCK = "mlas-int8-block"  # onnxruntime MatMulNBits accuracy_level 4: symmetric per K block
+
+    @classmethod
+    def from_name(cls, name: str) -> ActivationNumerics:
+        return member_named(cls, "activation numerics", name)
+
+
+# Without a target, quantized models compute what the most common one runs: ExecuTorch's XNNPACK.
+DEFAULT_NUMERICS = ActivationNumerics.XNNPACK
+
+
+def quantize_activations_xnnpack(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize `x` [..., in] to int8 as XNNPACK's qd8 convert does: per token, asymmetric."""
+    x = x.float()
+    rmin = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    rmax = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    multiplier = torch.where(rmin == rmax, 1.0, (INT8_MAX - INT8_MIN) / (rmax - rmin))
+    descaled_min, descaled_max = rmin * multiplier, rmax * multiplier
+    leans_to_min = (INT8_MIN + descaled_min) + (INT8_MAX + descaled_max) > 0
+    zero_point = torch.where(leans_to_min, INT8_MIN - descaled_min, INT8_MAX - descaled_max)
+    zero_point = torch.round(zero_point.clamp(INT8_MIN, INT8_MAX))
+    qdata = (torch.round(x * multiplier) + zero_point).clamp(INT8_MIN, INT8_MAX)
+    return (qdata - zero_point) * (1.0 / multiplier)
+
+
+def mlas_activation_block(in_features: int, group_size: int | None) -> int:
+    """The span along K over which MLAS quantizes a MatMulNBits layer's activations: its block size, which
+    is the weight's group size, or for per-channel weights MLAS_PER_CHANNEL_BLOCK (long spans lose
+    accuracy on inputs with outlier channels: all-MiniLM-L6-v2 int8, cosine to fp32 0.9992 at 32, 0.9982
+    at 128), the smallest block for layers narrower than that."""
+    if group_size is not None and group_size < in_features:
+        return group_size
+    return MLAS_PER_CHANNEL_BLOCK if in_features >= MLAS_PER_CHANNEL_BLOCK else MLAS_BLOCK_SIZES[0]
+
+
+def quantize_activations_mlas(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Quantize-dequantize `x` [..., in] as MLAS CompInt8 does: symmetric int8 per block of `block_size`."""
+    x = x.float()
+    in_features = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (0, -in_features % block_size))  # zeros leave a block's amax alone
+    blocks = padded.reshape(*x.shape[:-1], -1, block_size)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse_scale = torch.where(amax != 0, INT8_MAX / amax, 0.0)
+    dequantized = torch.round(blocks * inverse_scale) * (amax / INT8_MAX)
+    return dequantized.reshape(padded.shape)[..., :in_features]
+
+
+def quantize_activations_dynamic(x: torch.Tensor, numerics: ActivationNumerics, *,
+                                 group_size: int | None) -> torch.Tensor:
+    """Quantize-dequantize a linear's input `x` [..., in] as the runtime of `numerics` does at run time;
+    `group_size` is the linear's weight group size (None: per channel)."""
+    if numerics is ActivationNumerics.MLAS_INT8_BLOCK:
+        return quantize_activations_mlas(x, mlas_activation_block(x.shape[-1], group_size)).to(x.dtype)
+    return quantize_activations_xnnpack(x).to(x.dtype)
 
 
 def static_activation_qparams(min_val: float | torch.Tensor,
@@ -37,9 +110,5 @@ def static_activation_qparams(min_val: float | torch.Tensor,
 
 def quantize_activations_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize `x` with fixed (calibrated) per-tensor int8 qparams; values outside clamp."""
-    return _fake_quantize(x, scale, zero_point)
-
-
-def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     qdata = quantize_values(x, scale, zero_point, qmin=INT8_MIN, qmax=INT8_MAX)
     return dequantize_values(qdata, scale, zero_point).to(x.dtype)

@@ -14,7 +14,7 @@ or MLP module), which keeps the search a function of tensors the block driver al
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,12 +26,15 @@ MIN_RAW_SCALE = 1e-4  # the reference's floor on mean|x|^alpha before normalisin
 
 
 def awq_search_scales(weights: Sequence[torch.Tensor], activations: torch.Tensor, scheme: WeightScheme, *,
-                      grid: int = 20) -> torch.Tensor:
+                      grid: int = 20,
+                      quantize_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Per-input-channel scales s [in] for `weights` (each [out, in]) reading `activations` [..., in].
 
     alpha runs over 0, 1/grid, ..., (grid - 1)/grid; alpha = 0 is s = 1 (plain RTN), and another
     alpha wins only when its mean squared output error is strictly lower, so the result is never
     worse than s = 1 on these activations. Channels whose activations are all zero keep s = 1.
+    ``quantize_inputs``: how the runtime rounds the scaled inputs x / s (dynamic int8 activations), so
+    the search weighs the activation rounding that s changes too.
     """
     if type(grid) is not int or grid < 1:
         raise ConfigError(f"AWQ grid must be a positive integer, got {grid!r}")
@@ -49,7 +52,10 @@ def awq_search_scales(weights: Sequence[torch.Tensor], activations: torch.Tensor
         scales = mean_abs.pow(step / grid).clamp(min=MIN_RAW_SCALE)
         scales = torch.where(dead, 1.0, scales / (scales.max() * scales.min()).sqrt())
         quantized = fake_quantize_weight(stacked * scales, scheme)
-        error = (reference - (inputs / scales) @ quantized.T).pow(2).mean().item()
+        scaled_inputs = inputs / scales
+        if quantize_inputs is not None:
+            scaled_inputs = quantize_inputs(scaled_inputs)
+        error = (reference - scaled_inputs @ quantized.T).pow(2).mean().item()
         if error < best_error:
             best_scales, best_error = scales, error
     return best_scales

@@ -100,7 +100,7 @@ def build_calibration(path: str | Path, tokenizer, *, samples: int, seq_len: int
     stream: list[int] = []
     owners: list[int] = []  # document index of every token
     for index, document in enumerate(documents):
-        ids = tokenizer.encode(document, bos=True)
+        ids = tokenizer.encode(document)  # BOS/EOS as the tokenizer adds them
         stream.extend(ids)
         owners.extend([index] * len(ids))
         if len(stream) >= TOKENIZE_HEADROOM * needed:

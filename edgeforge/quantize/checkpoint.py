@@ -7,14 +7,15 @@
                         everything else (norms, layers kept in full precision) as NAME.weight, float32.
                         Beyond SHARD_BYTES: model-0000k-of-0000n.safetensors + model.safetensors.index.json,
                         the Hugging Face layout, written shard by shard while quantizing.
-    edgeforge.json      manifest: source hash, recipe, calibration, tool versions, per-layer schemes and stats
+    edgeforge.json      manifest: source hash, recipe, calibration, activation numerics (whose run-time rounding
+                        calibration saw, and the loaded model computes by default), tool versions, per-layer
+                        schemes and stats
     calibration.json    fingerprints of the calibration documents (for verify's overlap check)
     tokenizer files     copied from the source checkpoint
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError
 from edgeforge.fileio import read_json, write_json_atomic
 from edgeforge.models import model_class
+from edgeforge.quantize.activations import DEFAULT_NUMERICS, ActivationNumerics
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear, set_module
 from edgeforge.quantize.scheme import (ActivationScheme, QuantizedWeight, WeightScheme, dequantize, pack_int4,
                                        unpack_int4)
@@ -97,14 +99,15 @@ class ShardWriter:
                           {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def save_quantized(tmp: Path, *, manifest: dict, fingerprints: tuple[str, ...] | None,
-                   tokenizer_files: list[Path]) -> None:
-    """Write what goes beside the weights into the (temporary) checkpoint directory."""
+def save_quantized(tmp: Path, *, manifest: dict, fingerprints: tuple[str, ...] | None, tokenizer) -> None:
+    """Write what goes beside the weights into the (temporary) checkpoint directory (the tokenizer as
+    find_tokenizer reads it back: a GGUF's vocabulary becomes a tokenizer.json)."""
+    from edgeforge.checkpoints.tokenizers import save_tokenizer
+
     write_json_atomic(tmp / MANIFEST, manifest)
     if fingerprints is not None:
         write_json_atomic(tmp / "calibration.json", {"document_fingerprints": list(fingerprints)})
-    for file in tokenizer_files:
-        shutil.copyfile(file, tmp / file.name)
+    save_tokenizer(tokenizer, tmp)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -151,10 +154,17 @@ def manifest_config(manifest: dict):
     return model_class(architecture).config_class.from_dict(manifest["config"])
 
 
-def load_quantized_model(path: str | Path) -> torch.nn.Module:
-    """The eager quantized model: the model core with QuantizedLinear/QuantizedEmbedding modules swapped in."""
+def manifest_numerics(manifest: dict) -> ActivationNumerics:
+    """The activation numerics a checkpoint was calibrated with (DEFAULT_NUMERICS for a manifest without one)."""
+    return ActivationNumerics.from_name(manifest.get("activation_numerics", DEFAULT_NUMERICS.value))
+
+
+def load_quantized_model(path: str | Path, *, numerics: ActivationNumerics | None = None) -> torch.nn.Module:
+    """The eager quantized model: the model core with QuantizedLinear/QuantizedEmbedding modules swapped in,
+    computing as ``numerics``' runtime does (default: the numerics the checkpoint was calibrated with)."""
     path = Path(path)
     manifest = read_manifest(path)
+    numerics = numerics or manifest_numerics(manifest)
     config = manifest_config(manifest)
     tensors = _read_tensors(path)
     with torch.device("meta"):
@@ -171,7 +181,8 @@ def load_quantized_model(path: str | Path) -> torch.nn.Module:
             input_qparams = (tensors[f"{name}.input_scale"][0], tensors[f"{name}.input_zero_point"][0])
         set_module(model, name, QuantizedLinear(weight, scheme, activations, input_qparams,
                                                 bias=tensors.get(f"{name}.bias"),
-                                                input_multiplier=tensors.get(f"{name}.input_multiplier")))
+                                                input_multiplier=tensors.get(f"{name}.input_multiplier"),
+                                                numerics=numerics))
     quantized = {f"{name}.{suffix}" for name in manifest["layers"] for suffix in QUANTIZED_SUFFIXES}
     plain = {k: v for k, v in tensors.items() if k not in quantized}
     missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in plain]
@@ -211,6 +222,7 @@ def open_quantized(path: Path) -> Checkpoint:
         counts[key] = counts.get(key, 0) + 1
     quantization = {"recipe": manifest["recipe"]["name"], "algorithm": manifest["recipe"]["algorithm"],
                     "activations": manifest["recipe"]["activations"],
+                    "activation_numerics": manifest_numerics(manifest).value,
                     "layers": ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))}
     files = sorted(p for p in path.iterdir() if p.is_file())
     return Checkpoint(path=path, format="edgeforge", architecture=manifest["architecture"], config=config, tensors=lazy,

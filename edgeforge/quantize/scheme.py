@@ -41,10 +41,15 @@ class ActivationScheme(str, Enum):
 
     @classmethod
     def from_name(cls, name: str) -> ActivationScheme:
-        try:
-            return cls(name)
-        except ValueError:
-            raise UnknownNameError("activation scheme", name, [member.value for member in cls]) from None
+        return member_named(cls, "activation scheme", name)
+
+
+def member_named(enum: type[Enum], kind: str, name: str):
+    """The member of ``enum`` whose value is ``name``; UnknownNameError naming the known values otherwise."""
+    try:
+        return enum(name)
+    except ValueError:
+        raise UnknownNameError(kind, name, [member.value for member in enum]) from None
 
 
 @dataclass(frozen=True)

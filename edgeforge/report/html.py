@@ -131,6 +131,8 @@ def _quantize_section(quantize: dict | None) -> str:
 
 
 def _export_section(export: dict | None) -> str:
+    from edgeforge.export.guard import describe as describe_guard
+
     if not export:
         return ""
     report, guard = export["report"], export.get("guard")
@@ -144,8 +146,7 @@ def _export_section(export: dict | None) -> str:
         rows.append(["delegation", f"{report['delegated_ops']}/{report['total_ops']} ops, "
                                    f"{report.get('delegated_parameter_share', 0):.1%} of parameters; outside: {outside}"])
     if guard:
-        rows.append(["export guard", f"passed: min cosine {guard['min_cosine']:.5f}, top-1 "
-                                     f"{guard['top1_agreement']:.3f} over {guard['positions']} positions"])
+        rows.append(["export guard", describe_guard(guard)])
     if "size_warning" in report:
         rows.append(["warning", report["size_warning"]])
     return "<h2>Export</h2>" + _table(["", ""], rows, numeric_from=9)

@@ -35,6 +35,9 @@ class Lineage:
     calibration_sha256: SHA-256 of the calibration text; calibration_fingerprints: per-document
     fingerprints (``edgeforge.quantize.calibration.document_fingerprint``), None when not found.
     source_sha256: content hash of the full-precision checkpoint it was made from.
+    eager_source: the quantized checkpoint an artifact was exported from, when its manifest is still there;
+    eager_source_sha256: that checkpoint's content hash as the artifact recorded it at export;
+    eager_numerics: the activation numerics of the artifact's target, which the eager source computes with.
     notes: what could not be found, printed with the report.
     """
 
@@ -46,6 +49,9 @@ class Lineage:
     calibration_fingerprints: frozenset[str] | None = None
     fingerprints_source: str | None = None
     source_sha256: str | None = None
+    eager_source: Path | None = None
+    eager_source_sha256: str | None = None
+    eager_numerics: str | None = None
     notes: tuple[str, ...] = ()
 
 
@@ -217,7 +223,9 @@ def artifact_lineage(path: Path, manifest: dict) -> Lineage:
     return Lineage(recipe=recipe, gates=gates, gates_source=gates_source, calibrated=calibration is not None,
                    calibration_sha256=calibration["sha256"] if calibration else None,
                    calibration_fingerprints=fingerprints, fingerprints_source=fingerprints_source,
-                   source_sha256=source_sha256, notes=tuple(notes))
+                   source_sha256=source_sha256, eager_source=source_dir if source_manifest else None,
+                   eager_source_sha256=source.get("sha256") if source_manifest else None,
+                   eager_numerics=(manifest.get("target") or {}).get("activation_numerics"), notes=tuple(notes))
 
 
 def _artifact_gates(source: dict, source_dir: Path | None, source_manifest: dict | None,

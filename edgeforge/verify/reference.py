@@ -11,7 +11,9 @@ position, only what the drift statistics need:
     ref_top1        int32   [N, L-1]     argmax of the reference logits
 
 (about 8 bytes x k per token: 8 MiB for 16k tokens at k = 64). Encoders cache their sentence
-embeddings, float32 [N, dim]. A file is named by the SHA-256 of its :class:`CacheKey` (reference
+embeddings, float32 [N, dim]. An artifact's eager source (the quantized checkpoint it was exported
+from) caches its per-token drift against these, ``kld``, ``test_nll``, ``delta_p`` float64 and
+``same_top1`` bool [N, L-1], under kind ``decoder-eager-drift`` with its content hash and activation numerics. A file is named by the SHA-256 of its :class:`CacheKey` (reference
 checkpoint hash, evaluation text hash, the token stream's hash and the window settings) and written
 to a temporary sibling that is renamed into place, so a reader never sees half a file.
 """
@@ -63,6 +65,7 @@ class CacheKey:
     seq_len: int  # window length (decoders) or truncation length (encoders), tokens
     count: int  # windows or sentences
     top_k: int = 0  # decoders only
+    model: str = ""  # decoder-eager-drift: the eager model, "<content sha256> <activation numerics>"; else ""
 
     def digest(self) -> str:
         record = {"cache_version": CACHE_VERSION, **asdict(self)}
@@ -81,10 +84,10 @@ class CachedReference:
 
 
 def cached(key: CacheKey, cache_dir: Path | None, compute: Callable[[], dict[str, torch.Tensor]],
-           *, say: Callable[[str], None] = lambda message: None) -> CachedReference:
+           *, say: Callable[[str], None] = lambda message: None, role: str = "reference") -> CachedReference:
     """The reference tensors for ``key``: read from ``cache_dir`` when present, else computed and stored.
 
-    ``cache_dir`` None computes without caching.
+    ``cache_dir`` None computes without caching; ``role`` names what is cached in progress lines.
     """
     import time
 
@@ -92,14 +95,14 @@ def cached(key: CacheKey, cache_dir: Path | None, compute: Callable[[], dict[str
     if path is not None and path.is_file():
         tensors = _load(path, key, say)
         if tensors is not None:
-            say(f"reference: cached ({path})")
+            say(f"{role}: cached ({path})")
             return CachedReference(tensors, path, True, 0.0)
     start = time.perf_counter()
     tensors = compute()
     seconds = time.perf_counter() - start
     if path is not None:
         _save_atomic(tensors, path, key)
-        say(f"reference: computed in {seconds:.1f} s, cached to {path}")
+        say(f"{role}: computed in {seconds:.1f} s, cached to {path}")
     return CachedReference(tensors, path, False, seconds)
 
 

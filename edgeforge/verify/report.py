@@ -26,15 +26,22 @@ are only ever added within a schema version; renaming or removing one bumps it.
     samples                   the raw figures behind the summary. decoders: per window, in order:
                               window_kld_mean_nats, window_ref_nll_mean_nats, window_test_nll_mean_nats,
                               window_top1_agreement; encoders: sentence_cosine
-    gates                     [{gate: max_kld|min_top1|max_ppl_ratio|min_cosine, statistic (a drift/embedding
-                               key), op: "<=" | ">=", threshold, value, passed, source: option|recipe}]
+    gates                     [{gate: max_kld|min_top1|max_ppl_ratio|min_cosine|max_kld_eager, statistic (a
+                               drift/embedding key), op: "<=" | ">=", threshold, value, passed,
+                               source: option|recipe|eager, basis (how an eager threshold was derived, else null)}]
     gates_source              where recipe gates came from, or null
     overlap                   {method: fingerprints|file-hash|none, calibration_sha256, evaluated_documents,
                                overlapping_documents (null for file-hash), short_documents (under 8 words,
                                not compared), same_file, allowed, source (the fingerprints file)}
     reference_cache           {path (null: not cached), hit, top_k, rest_mass_mean (the reference's mean
                                probability outside its top k: how loose the KLD lower bound can be; null for encoders)}
-    timing                    {reference_seconds (0 on a cache hit), test_seconds}
+    eager                     decoder artifacts whose source quantized checkpoint is there and unchanged, else
+                              null: that checkpoint run eagerly on the same windows: {path, sha256 (its content
+                              hash), activation_numerics (the artifact target's, null: the checkpoint's own),
+                              kld_mean_nats (+ _sem), top1_agreement, ppl_ratio, window_kld_mean_nats (per
+                              window, in order), cache_path (null: not cached), cache_hit}
+    timing                    {reference_seconds (0 on a cache hit), test_seconds, eager_seconds (0 on a cache
+                               hit; only with an eager section)}
     notes                     lines printed with the report: lineage mismatches, missing fingerprints
     versions                  {edgeforge, git_commit, python, torch, onnxruntime, executorch, platform}
 """
@@ -58,7 +65,8 @@ class GateResult:
     op: str  # "<=" (a max gate) or ">=" (a min gate)
     threshold: float
     value: float
-    source: str  # "option" | "recipe"
+    source: str  # "option" | "recipe" | "eager" (derived from the eager source's result: verify.eager_kld_bound)
+    basis: str | None = None  # how a derived threshold was computed
 
     @property
     def passed(self) -> bool:
@@ -66,7 +74,11 @@ class GateResult:
 
     def describe(self) -> str:
         op = self.op if self.passed else {"<=": ">", ">=": "<"}[self.op]
-        return f"{self.statistic} {self.value:.4g} {op} {self.gate} {self.threshold:g}"
+        line = f"{self.statistic} {self.value:.4g} {op} {self.gate} {self.threshold:.4g}"
+        if self.source == "eager" and not self.passed:
+            line += (" (the artifact drifts beyond its own quantized checkpoint run eagerly: a fault in the "
+                     "lowering or the runtime, not the quantization)")
+        return line
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class VerifyReport:
     drift: DriftStats | None
     embedding: EmbeddingStats | None
     samples: dict
+    eager: dict | None
     gates: tuple[GateResult, ...]
     gates_source: str | None
     overlap: Overlap
@@ -130,7 +143,7 @@ class VerifyReport:
             "artifact": self.artifact, "reference": self.reference, "data": self.data, "settings": self.settings,
             "drift": None if self.drift is None else {_with_units(k): v for k, v in self.drift.to_dict().items()},
             "embedding": None if self.embedding is None else self.embedding.to_dict(),
-            "samples": self.samples,
+            "samples": self.samples, "eager": self.eager,
             "gates": [{**asdict(gate), "passed": gate.passed} for gate in self.gates],
             "gates_source": self.gates_source, "overlap": asdict(self.overlap),
             "reference_cache": self.reference_cache, "timing": self.timing, "notes": list(self.notes),
@@ -168,16 +181,33 @@ def format_verify_report(report: VerifyReport) -> str:
                      f"{settings['max_length_tokens']} tokens each ({report.data['documents_evaluated']} documents)")
         lines.append(f"reference  embeddings {cached}")
         lines += ["", *_embedding_block(report.embedding)]
+    if report.eager is not None:
+        eager = report.eager
+        lines.append(f"eager      {eager['path']} (its quantized checkpoint) on the same windows: KLD "
+                     f"{eager['kld_mean_nats']:.6f} ± {eager['kld_mean_nats_sem']:.6f}, top-1 "
+                     f"{eager['top1_agreement']:.1%}, PPL ratio {eager['ppl_ratio']:.4f}"
+                     f"{' (cached)' if eager['cache_hit'] else ''}")
+    eager_time = (f", eager source {report.timing['eager_seconds']:.1f} s" if report.eager is not None else "")
     lines.append(f"timing     reference {report.timing['reference_seconds']:.1f} s"
-                 f"{' (cached)' if cache['hit'] else ''}, model {report.timing['test_seconds']:.1f} s")
+                 f"{' (cached)' if cache['hit'] else ''}, model {report.timing['test_seconds']:.1f} s{eager_time}")
     overlap = report.overlap
     if overlap.method != "none" and (overlap.same_file or overlap.overlapping_documents):
         lines.append(f"overlap    {_overlap_text(overlap)} (allowed by --allow-overlap: the figures are optimistic)")
     lines += [f"note       {note}" for note in report.notes]
-    if report.gates_source:
-        lines.append(f"gates      from {report.gates_source}")
+    lines += [f"gates      {line}" for line in _gate_sources(report)]
     lines.append(report.verdict_line)
     return "\n".join(lines)
+
+
+def _gate_sources(report: VerifyReport) -> list[str]:
+    """Where each gate's threshold came from, one line per source."""
+    lines = []
+    for source, where in (("recipe", f"from {report.gates_source}"), ("option", "from the command line")):
+        names = [gate.gate for gate in report.gates if gate.source == source]
+        if names:
+            lines.append(f"{', '.join(names)} {where}")
+    lines += [f"{gate.gate} = {gate.basis}" for gate in report.gates if gate.source == "eager"]
+    return lines
 
 
 def _overlap_text(overlap: Overlap) -> str:

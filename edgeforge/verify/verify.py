@@ -18,21 +18,28 @@ Encoders: the text's non-empty lines are embedded by both (:mod:`edgeforge.verif
 
 Before anything runs, the evaluated documents are compared with the model's calibration documents;
 overlap is refused (InputError, exit 2) unless allowed, since it flatters the quantized model.
+
+Gates (docs/gates.md): the recipe's ``[gates]`` (bounds any sane quantization of its scheme family
+meets on any model), each replaced by its option when given; and, for a decoder artifact whose
+source quantized checkpoint is still where its manifest says and unchanged, ``max_kld_eager``:
+that checkpoint runs eagerly on the same windows (cached like the reference) and the artifact's
+mean KLD may exceed the eager one only by a relative slack plus a few paired standard errors
+(:func:`eager_kld_bound`), so "the artifact computes what was quantized" is checked on every model.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from edgeforge.errors import ConfigError, InputError, UnsupportedError
-from edgeforge.verify.drift import DriftStats, summarize_drift, token_windows
+from edgeforge.verify.drift import DriftStats, TokenStats, summarize_drift, token_windows
 from edgeforge.verify.embedding import MIN_SENTENCES, NEIGHBOURS, EmbeddingStats, embedding_stats, sentences_of
 from edgeforge.verify.models import EvalModel, Lineage, open_for_eval
 from edgeforge.verify.reference import (
@@ -58,6 +65,13 @@ MIN_OVERLAP_WORDS = 8  # shorter documents are too generic to count as calibrati
 GATES = {"max_kld": ("kld_mean", "<="), "min_top1": ("top1_agreement", ">="),
          "max_ppl_ratio": ("ppl_ratio", "<="), "min_cosine": ("cosine_mean", ">=")}
 APPLICABLE_GATES = {"llama": ("max_kld", "min_top1", "max_ppl_ratio"), "bert": ("min_cosine",)}
+# max_kld_eager = eager KLD x (1 + EAGER_KLD_SLACK) + EAGER_KLD_SEMS x the paired standard error of
+# (artifact - eager) window KLDs. The slack is what a runtime may add legitimately (XNNPACK's bf16 group
+# scales, other int8 rounding of the activations: measured up to ~1% of the eager KLD, docs/gates.md);
+# 3 standard errors keep a normal artifact's false-fail rate near 0.1% whatever the window count.
+EAGER_KLD_SLACK = 0.05
+EAGER_KLD_SEMS = 3.0
+EAGER_DRIFT = ("kld", "test_nll", "same_top1", "delta_p")  # TokenStats fields cached for the eager source
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class VerifyOptions:
         use_cache False computes the reference without reading or writing the cache.
     allow_overlap: measure even when the evaluation text overlaps the calibration text.
     max_kld, min_top1, max_ppl_ratio, min_cosine: gates; each overrides the recipe's gate of that name.
+    eager: decoder artifacts: also run the source quantized checkpoint eagerly and gate on max_kld_eager.
     """
 
     seq_len: int | None = None
@@ -86,6 +101,7 @@ class VerifyOptions:
     min_top1: float | None = None
     max_ppl_ratio: float | None = None
     min_cosine: float | None = None
+    eager: bool = True
 
     def __post_init__(self):
         for name in ("windows", "sentences", "top_k"):
@@ -131,6 +147,11 @@ def verify(model_path: str | Path, reference_path: str | Path, data_path: str | 
     results = tuple(GateResult(gate=name, statistic=GATES[name][0], op=GATES[name][1], threshold=threshold,
                                value=getattr(stats, GATES[name][0]), source=source)
                     for name, (threshold, source) in gates.items())
+    if measured.eager_bound is not None:
+        bound = measured.eager_bound
+        results += (GateResult(gate="max_kld_eager", statistic="kld_mean", op="<=", threshold=bound.threshold,
+                               value=stats.kld_mean, source="eager", basis=bound.describe()),)
+    notes += measured.notes
     return VerifyReport(
         artifact=model.describe(),
         reference={"path": str(Path(reference.path).resolve()), "format": reference.format, "sha256": reference_sha256,
@@ -138,7 +159,7 @@ def verify(model_path: str | Path, reference_path: str | Path, data_path: str | 
         data={"path": str(context.data_path.resolve()), "sha256": data_sha256, "documents": len(documents),
               "documents_evaluated": measured.overlap.evaluated_documents, "tokens_sha256": measured.tokens_sha256},
         settings=measured.settings, drift=measured.drift, embedding=measured.embedding, samples=measured.samples,
-        gates=results,
+        eager=measured.eager, gates=results,
         gates_source=model.lineage.gates_source if any(source == "recipe" for _, source in gates.values()) else None,
         overlap=measured.overlap, reference_cache=measured.cache, timing=measured.timing,
         versions=provenance(model.format), created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -164,6 +185,41 @@ class _Measured:
     settings: dict
     cache: dict
     timing: dict
+    eager: dict | None = None
+    eager_bound: EagerBound | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EagerBound:
+    """The max_kld_eager threshold and what it was derived from (KLDs in nats per token)."""
+
+    eager_kld: float  # the eager source's mean KLD on the windows
+    paired_sem: float  # standard error of the mean of the per-window (artifact - eager) KLD differences
+    windows: int
+    threshold: float
+
+    def describe(self) -> str:
+        return (f"eager source's KLD {self.eager_kld:.4g} x {1 + EAGER_KLD_SLACK:g} + {EAGER_KLD_SEMS:g} x paired "
+                f"sem {self.paired_sem:.2g} ({self.windows} windows)")
+
+
+def eager_kld_bound(eager_window_kld: Sequence[float], test_window_kld: Sequence[float]) -> EagerBound:
+    """max_kld_eager from per-window mean KLDs of the eager source and of the artifact on the same windows.
+
+    Windows are the paired unit: tokens inside one window share their context, so a per-token
+    standard error would overstate the evidence. With one window there is no spread to measure and
+    the bound is the slack alone.
+    """
+    eager = torch.tensor(list(eager_window_kld), dtype=torch.float64)
+    test = torch.tensor(list(test_window_kld), dtype=torch.float64)
+    if eager.shape != test.shape or eager.numel() == 0:
+        raise InputError(f"{eager.numel()} eager and {test.numel()} artifact window KLDs: they must pair up")
+    differences = test - eager
+    sem = float(differences.std(correction=1)) / math.sqrt(differences.numel()) if differences.numel() > 1 else 0.0
+    eager_kld = float(eager.mean())
+    return EagerBound(eager_kld=eager_kld, paired_sem=sem, windows=eager.numel(),
+                      threshold=eager_kld * (1 + EAGER_KLD_SLACK) + EAGER_KLD_SEMS * sem)
 
 
 def _open_reference(path: str | Path):
@@ -222,12 +278,13 @@ def check_overlap(lineage: Lineage, evaluated: list[str], data_sha256: str, *, a
 
 
 def _decoder_stream(documents: list[str], tokenizer, seq_len: int, windows: int | None):
-    """(windows [N, L], indices of the documents they contain): documents with BOS, concatenated, cut."""
+    """(windows [N, L], indices of the documents they contain): documents as the tokenizer encodes them
+    (BOS where it adds one), concatenated, cut."""
     wanted = (windows or DEFAULT_WINDOWS) * seq_len
     stream: list[int] = []
     owners: list[int] = []
     for index, document in enumerate(documents):
-        ids = tokenizer.encode(document, bos=True)
+        ids = tokenizer.encode(document)  # BOS/EOS as the tokenizer adds them
         stream += ids
         owners += [index] * len(ids)
         if len(stream) >= wanted:
@@ -265,16 +322,16 @@ def _measure_decoder(model: EvalModel, reference, documents, options: VerifyOpti
 
     ref = cached(key, cache_dir, compute, say=say)
     start = time.perf_counter()
-    parts = []
-    step = batch_size if model.eager else 1
-    for first in range(0, windows.shape[0], step):
-        logits = model.window_logits(windows[first:first + step])
-        if logits.shape[-1] != vocab:
-            raise InputError(f"the model's vocabulary ({logits.shape[-1]}) is not the reference's ({vocab})",
-                             path=model.path)
-        parts += [topk_token_stats(ref.tensors, first + row, logits[row]) for row in range(logits.shape[0])]
-        _say_progress(say, "model", first + logits.shape[0], windows.shape[0])
+    parts = _window_stats(model, windows, ref.tensors, vocab, batch_size, say, "model")
     test_seconds = time.perf_counter() - start
+    eager, eager_bound, notes, timing = None, None, (), {}
+    if options.eager and model.kind == "artifact":
+        eager_parts, eager, notes, eager_seconds = _eager_source_stats(model, windows, ref.tensors, key, cache_dir,
+                                                                      vocab, batch_size, say)
+        if eager_parts is not None:
+            eager_bound = eager_kld_bound([float(p.kld.mean()) for p in eager_parts],
+                                          [float(p.kld.mean()) for p in parts])
+            timing = {"eager_seconds": round(eager_seconds, 3)}
     kept = ref.tensors["topk_ids"].shape[-1]  # top_k, or the vocabulary when that is smaller
     rest_mass = float(ref.tensors["rest_logprob"].exp().mean())
     samples = {"window_kld_mean_nats": [float(p.kld.mean()) for p in parts],
@@ -288,7 +345,64 @@ def _measure_decoder(model: EvalModel, reference, documents, options: VerifyOpti
                   "scored_tokens": windows.shape[0] * (seq_len - 1), "top_k": kept},
         cache={"path": None if ref.path is None else str(ref.path), "hit": ref.hit, "top_k": kept,
                "rest_mass_mean": rest_mass},
-        timing={"reference_seconds": round(ref.seconds, 3), "test_seconds": round(test_seconds, 3)})
+        timing={"reference_seconds": round(ref.seconds, 3), "test_seconds": round(test_seconds, 3), **timing},
+        eager=eager, eager_bound=eager_bound, notes=notes)
+
+
+def _window_stats(model: EvalModel, windows: torch.Tensor, reference: dict, vocab: int, batch_size: int, say,
+                  role: str) -> list[TokenStats]:
+    """Per-window drift of ``model`` against the cached reference tensors (eager models take batches)."""
+    parts = []
+    step = batch_size if model.eager else 1
+    for first in range(0, windows.shape[0], step):
+        logits = model.window_logits(windows[first:first + step])
+        if logits.shape[-1] != vocab:
+            raise InputError(f"the model's vocabulary ({logits.shape[-1]}) is not the reference's ({vocab})",
+                             path=model.path)
+        parts += [topk_token_stats(reference, first + row, logits[row]) for row in range(logits.shape[0])]
+        _say_progress(say, role, first + logits.shape[0], windows.shape[0])
+    return parts
+
+
+def _eager_source_stats(model: EvalModel, windows: torch.Tensor, reference: dict, key: CacheKey, cache_dir,
+                        vocab: int, batch_size: int, say):
+    """(per-window TokenStats, record section, notes, seconds) of the artifact's source quantized checkpoint
+    run eagerly on the same windows; (None, None, (note,), 0) when that checkpoint is gone or changed."""
+    from edgeforge.checkpoints import open_checkpoint
+
+    source, recorded = model.lineage.eager_source, model.lineage.eager_source_sha256
+    if source is None:
+        return None, None, ("the quantized checkpoint this artifact was exported from is not where its manifest "
+                            "says: max_kld_eager not applied, only the recipe's bounds",), 0.0
+    sha256 = open_checkpoint(source).content_hash()
+    if sha256 != recorded:
+        return None, None, (f"the quantized checkpoint {source} changed since this artifact was exported from it "
+                            f"(sha256 {sha256[:12]}, recorded {recorded[:12]}): max_kld_eager not applied",), 0.0
+
+    numerics = model.lineage.eager_numerics
+
+    def compute():
+        say(f"eager source: loading {source} ...")
+        eager = open_for_eval(source)
+        if numerics is not None:  # round activations as the artifact's runtime does
+            from edgeforge.quantize.activations import ActivationNumerics
+            from edgeforge.quantize.modules import set_activation_numerics
+
+            set_activation_numerics(eager.runtime, ActivationNumerics.from_name(numerics))
+        parts = _window_stats(eager, windows, reference, vocab, batch_size, say, "eager source")
+        return {name: torch.stack([getattr(p, name) for p in parts]) for name in EAGER_DRIFT}
+
+    drift = cached(replace(key, kind="decoder-eager-drift", model=f"{sha256} {numerics or 'recorded'}"), cache_dir,
+                   compute, say=say, role="eager source")
+    parts = [TokenStats(ref_nll=reference["ref_nll"][row], **{name: drift.tensors[name][row] for name in EAGER_DRIFT})
+             for row in range(windows.shape[0])]
+    stats = summarize_drift(parts)
+    section = {"path": str(Path(source).resolve()), "sha256": sha256, "activation_numerics": numerics,
+               "kld_mean_nats": stats.kld_mean,
+               "kld_mean_nats_sem": stats.kld_mean_sem, "top1_agreement": stats.top1_agreement,
+               "ppl_ratio": stats.ppl_ratio, "window_kld_mean_nats": [float(p.kld.mean()) for p in parts],
+               "cache_path": None if drift.path is None else str(drift.path), "cache_hit": drift.hit}
+    return parts, section, (), drift.seconds
 
 
 def _measure_encoder(model: EvalModel, reference, documents, options: VerifyOptions, cache_dir, say,
