@@ -105,7 +105,7 @@ def run_row(model: Path, recipe: str, target: str, calib: Path, evaluation: Path
             return {**row, "failed": "verify", "error": last}
     record = json.loads(verify_json.read_text())
     row.update(verdict=record["verdict"], verdict_line=record["verdict_line"], drift=record["drift"],
-               eager_drift=record.get("eager", {}).get("drift") if isinstance(record.get("eager"), dict) else None,
+               eager=record["eager"],  # the artifact's eager source on the same windows, or null
                gates=record["gates"])
     return row
 
@@ -118,7 +118,7 @@ def table(rows: list[dict]) -> str:
         if "failed" in row:
             lines.append(f"| {row['recipe']} | {row['target']} | | {row['failed']} failed: {row['error']} |||||||")
             continue
-        d, e, guard = row["drift"], row.get("eager_drift"), row.get("guard") or {}
+        d, e, guard = row["drift"], row.get("eager"), row.get("guard") or {}
         eager_kld = f" ({e['kld_mean_nats']:.4f})" if e else ""
         eager_top1 = f" ({e['top1_agreement']:.3f})" if e else ""
         guard_text = f"{guard.get('test', 'eager')} {'pass' if guard.get('passed') else 'FAIL'}" if guard else "not run"
