@@ -18,13 +18,14 @@ import torch
 
 from edgeforge.errors import GateFailed
 from edgeforge.export import Target, export, guard, load_target, open_source
-from edgeforge.export.guard import DRIFT_FLOOR_SHARE, DRIFT_Z, judge_drift, position_kld
+from edgeforge.export.guard import DRIFT_FLOOR_SHARE, DRIFT_Z, judge_drift
+from edgeforge.quantize.metrics import kl_divergence_nats
 from edgeforge.quantize import load_quantized_model
 
 # ---- the statistics ----
 
 
-def test_position_kld_is_the_float64_sum_over_the_vocabulary():
+def test_kl_divergence_is_the_float64_sum_over_the_vocabulary():
     reference = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
     candidate = torch.tensor([[1.5, 1.0, -1.0], [3.0, 0.0, -3.0]])
 
@@ -34,11 +35,12 @@ def test_position_kld_is_the_float64_sum_over_the_vocabulary():
 
     expected = [sum(p * math.log(p / q) for p, q in zip(softmax(r.tolist()), softmax(c.tolist())))
                 for r, c in zip(reference, candidate)]
-    got = position_kld(reference, candidate)
+    got = kl_divergence_nats(reference.double().log_softmax(-1), candidate.double().log_softmax(-1))
     assert got.dtype == torch.float64
     # float32 inputs are exact in float64; the sums of 3 terms lose at most a few float64 eps
     assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=8 * 2.0**-52), got
-    assert position_kld(reference, reference).abs().max() <= 4 * 2.0**-52
+    same = reference.double().log_softmax(-1)
+    assert kl_divergence_nats(same, same).abs().max() <= 4 * 2.0**-52
 
 
 def test_judge_drift_bounds_the_paired_excess_by_its_sem_plus_a_share_of_eager_drift():

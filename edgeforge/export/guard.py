@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from edgeforge.errors import EdgeforgeError, GateFailed
+from edgeforge.quantize.metrics import kl_divergence_nats
 
 # Minimum cosine between artifact and eager logits at any position, and top-1 agreement, per scheme.
 # fp32 differs only by kernel summation order. With int8 activations a last-bit difference in a fused
@@ -145,12 +146,6 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, scheme: str
     return report
 
 
-def position_kld(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """KLD(softmax(reference) || softmax(candidate)) in nats at each position of logits [positions, vocab]."""
-    log_p, log_q = reference.double().log_softmax(-1), candidate.double().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def _mean_sem(values: torch.Tensor) -> tuple[float, float]:
     values = values.double()
     sem = values.std(unbiased=True) / values.numel() ** 0.5 if values.numel() > 1 else torch.tensor(float("inf"))
@@ -198,8 +193,9 @@ def check_drift(session, eager_model, fp32_model, tokenizer, *, max_seq_len: int
             logits[name] = decode_logits(model, tokens, prefill)
         artifact = decode_logits(session.forward, tokens, prefill)  # starts at position 0: a fresh cache
         reference_top = logits["fp32"].argmax(-1)
-        kld_artifact.append(position_kld(logits["fp32"], artifact))
-        kld_eager.append(position_kld(logits["fp32"], logits["eager"]))
+        log_p = logits["fp32"].double().log_softmax(-1)
+        kld_artifact.append(kl_divergence_nats(log_p, artifact.double().log_softmax(-1)))
+        kld_eager.append(kl_divergence_nats(log_p, logits["eager"].double().log_softmax(-1)))
         top1_artifact.append(artifact.argmax(-1) == reference_top)
         top1_eager.append(logits["eager"].argmax(-1) == reference_top)
     return judge_drift(torch.cat(kld_artifact), torch.cat(kld_eager), torch.cat(top1_artifact),

@@ -27,3 +27,10 @@ def relative_output_error(ref_out: torch.Tensor, q_out: torch.Tensor) -> float:
     if noise == 0:
         return 0.0
     return noise / signal if signal else math.inf
+
+
+def kl_divergence_nats(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) in nats per row of log-probabilities [..., vocab] (log_softmax of logits, float64).
+
+    Rounding can leave a mathematically-zero KLD at -1e-17; KL is never negative, so it is clamped."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)

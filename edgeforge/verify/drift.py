@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from edgeforge.errors import ConfigError, InputError
+from edgeforge.quantize.metrics import kl_divergence_nats
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # tokens [B, L] -> logits [B, L, V]
 
@@ -58,8 +59,7 @@ def token_stats(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: to
         raise InputError(f"targets {tuple(targets.shape)} do not match {ref_logits.shape[0]} logit rows")
     ref_logp = torch.log_softmax(ref_logits.double(), dim=-1)
     test_logp = torch.log_softmax(test_logits.double(), dim=-1)
-    # Rounding can leave a mathematically-zero KLD at -1e-17; KL is never negative.
-    kld = (ref_logp.exp() * (ref_logp - test_logp)).sum(-1).clamp_min(0.0)
+    kld = kl_divergence_nats(ref_logp, test_logp)
     index = targets.long().unsqueeze(-1)
     ref_nll = -ref_logp.gather(-1, index).squeeze(-1)
     test_nll = -test_logp.gather(-1, index).squeeze(-1)
