@@ -77,13 +77,26 @@ def plan(recipes: list[str] | None, targets: list[str] | None) -> list[tuple[str
     return pairs
 
 
+def quantizing_target(recipe: str, target: str) -> str:
+    """The target whose quantized checkpoint ``target`` reuses: the first (sorted) target with the same
+    activation numerics, so targets that compute alike share one calibration (GPTQ: minutes each)."""
+    from edgeforge.export.targets import list_targets, load_target
+
+    numerics = load_target(target).activation_numerics
+    return next(name for name in sorted(list_targets()) if load_target(name).activation_numerics == numerics
+                and load_target(name).format == load_target(target).format)
+
+
 def run_row(model: Path, recipe: str, target: str, calib: Path, evaluation: Path, args) -> dict:
     row = {"recipe": recipe, "target": target}
-    quantized, artifact = WORK / f"{recipe}.{target}.q", WORK / f"{recipe}.{target}.artifact"
-    verify_json = WORK / f"{recipe}.{target}.verify.json"
+    numerics_target = quantizing_target(recipe, target)
+    quantized = WORK / f"{recipe}.{numerics_target}.q"
+    artifact, verify_json = WORK / f"{recipe}.{target}.artifact", WORK / f"{recipe}.{target}.verify.json"
+    row["quantized"] = quantized.name
     if not quantized.exists():
-        ok, seconds, last = edgeforge("quantize", model, "--recipe", recipe, "--target", target, "--calib", calib,
-                                      "-o", quantized, log=WORK / f"{recipe}.{target}.quantize.log")
+        ok, seconds, last = edgeforge("quantize", model, "--recipe", recipe, "--target", numerics_target,
+                                      "--calib", calib, "-o", quantized,
+                                      log=WORK / f"{recipe}.{numerics_target}.quantize.log")
         row["quantize_seconds"] = round(seconds, 1)
         if not ok:
             return {**row, "failed": "quantize", "error": last}
@@ -133,7 +146,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="fp32 HF Llama directory")
     parser.add_argument("--recipes", help="comma-separated (default: every decoder recipe)")
-    parser.add_argument("--targets", help="comma-separated (default: every target that runs here)")
+    parser.add_argument("--targets", help="comma-separated (default: every target that runs here); the XNNPACK "
+                        "targets for iOS and arm64 Linux lower to the same program as android-arm64-xnnpack")
     parser.add_argument("--calib-fraction", type=float, default=0.4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=32)
