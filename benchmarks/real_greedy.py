@@ -52,7 +52,7 @@ def runtime_text(artifact, prompt_ids: list[int], prompt: str, new_tokens: int) 
             generator.generate_next_token()
             ids.append(int(generator.get_next_tokens()[0]))
         return None, ids
-    from edgeforge.export.executorch import register_kernels
+    from edgeforge.export.executorch.session import register_kernels
 
     register_kernels()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner

@@ -19,24 +19,25 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from edgeforge.fileio import read_json, write_json_atomic
+from edgeforge.fileio import content_sha256, read_json, refuse_overlap, write_json_atomic
 
 STATE_FILE = "forge-state.json"
 BUNDLED_TEXT = Path(__file__).resolve().parent / "data" / "tinystories"
-BUNDLED_CALIBRATION = {"samples": 64, "seq_len": 256}
+BUNDLED_CALIBRATION = {"samples": 64, "seq_len": 256}  # the bundled sample holds ~55k tokens: fewer than most recipes ask
 
 
 @dataclass(frozen=True)
 class ForgeSettings:
-    """What `forge` does. calib/data: calibration and evaluation text (default: the bundled TinyStories
-    samples); samples/seq_len/seed override the recipe's calibration settings; max_seq_len sizes the
+    """What `forge` does: recipe and target (a name or a TOML path); calib/data: calibration and evaluation
+    text (default: the bundled TinyStories samples, calibrated with BUNDLED_CALIBRATION's samples and
+    seq_len); samples/seq_len/seed override the recipe's calibration settings; max_seq_len sizes the
     exported KV cache; eval_seq_len/eval_windows shape verify; repetitions for bench."""
 
-    recipe: str
-    target: str
+    recipe: str = "int4-gptq"
+    target: str = "host"
     checkpoint: str | None = None
     calib: str | None = None
     data: str | None = None
@@ -55,19 +56,6 @@ class ForgeResult:
     output_dir: Path
     report: dict
     reused: list[str]
-
-
-def file_sha256(*paths: Path) -> str:
-    """SHA-256 over files (a directory contributes its regular files, sorted)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
-        for file in files:
-            digest.update(file.name.encode())
-            with open(file, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _key(**parts) -> str:
@@ -108,26 +96,26 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
     from edgeforge.checkpoints import DEFAULT_CHECKPOINT, open_checkpoint
     from edgeforge.export import load_target
     from edgeforge.quantize import load_recipe
-    from edgeforge.quantize.calibration import read_documents
+    from edgeforge.quantize.calibration import check_calibration, read_documents, with_calibration
     from edgeforge.quantize.driver import require_calibration_tokenizer
 
     say = progress or (lambda message: None)
     output_dir = Path(output_dir)
     checkpoint = open_checkpoint(settings.checkpoint or DEFAULT_CHECKPOINT)
-    recipe = load_recipe(settings.recipe)
-    require_calibration_tokenizer(checkpoint, recipe)  # pre-flight: before anything is written or loaded
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(output_dir, say)
-    overrides = {"samples": settings.samples, "seq_len": settings.seq_len, "seed": settings.seed}
-    if settings.calib is None:  # the bundled sample holds ~55k tokens: fewer samples than most recipes ask
-        overrides = {**BUNDLED_CALIBRATION, **{k: v for k, v in overrides.items() if v is not None}}
-    recipe = replace(recipe, calibration=replace(recipe.calibration,
-                                                 **{k: v for k, v in overrides.items() if v is not None}))
-    target = load_target(settings.target)
     calib = Path(settings.calib) if settings.calib else BUNDLED_TEXT / "calibration.txt"
     data = Path(settings.data) if settings.data else BUNDLED_TEXT / "evaluation.txt"
+    refuse_overlap(output_dir, [checkpoint.path, *checkpoint.files, calib, data])
+    recipe = with_calibration(load_recipe(settings.recipe), **({} if settings.calib else BUNDLED_CALIBRATION))
+    recipe = with_calibration(recipe, samples=settings.samples, seq_len=settings.seq_len, seed=settings.seed)
+    calibrates = recipe.needs_calibration or settings.calib is not None
+    require_calibration_tokenizer(checkpoint, recipe)  # pre-flight: before anything is written or loaded
+    if calibrates:
+        check_calibration(checkpoint, recipe)
+    target = load_target(settings.target)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(output_dir, say)
     source_sha = checkpoint.content_hash()
-    calib_sha = read_documents(calib)[1] if recipe.needs_calibration or settings.calib else None
+    calib_sha = read_documents(calib)[1] if calibrates else None
 
     quantized_dir = output_dir / "quantized"
     quantize_record = stages.run(
@@ -137,9 +125,9 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
 
     artifact_dir = output_dir / "artifact"
     export_record = stages.run(
-        "export", _key(quantized=file_sha256(quantized_dir), target=target.to_dict(), max_seq_len=settings.max_seq_len),
+        "export", _key(quantized=content_sha256(quantized_dir), target=target.to_dict(), max_seq_len=settings.max_seq_len),
         artifact_dir, lambda: _export(quantized_dir, target, artifact_dir, settings.max_seq_len, say))
-    artifact_sha = file_sha256(artifact_dir)
+    artifact_sha = content_sha256(artifact_dir)
 
     verify_path = output_dir / "verify.json"
     verify_record = stages.run(
@@ -167,14 +155,9 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
 
 def _quantize(checkpoint, recipe, calib: Path | None, output: Path, target, say) -> dict:
     from edgeforge.quantize import quantize_checkpoint
-    from edgeforge.quantize.calibration import build_calibration
+    from edgeforge.quantize.calibration import calibration_for
 
-    calibration = None
-    if calib is not None:
-        settings = recipe.calibration
-        seq_len = min(settings.seq_len, checkpoint.config.max_seq_len)
-        calibration = build_calibration(calib, checkpoint.tokenizer, samples=settings.samples, seq_len=seq_len,
-                                        seed=settings.seed)
+    calibration = calibration_for(checkpoint, recipe, calib) if calib is not None else None
     result = quantize_checkpoint(checkpoint, recipe, calibration=calibration, output_dir=output,
                                  numerics=target.activation_numerics, progress=say)
     return {"seconds": round(result.seconds, 3), "algorithm": recipe.algorithm, "layers": result.manifest["layers"],

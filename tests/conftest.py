@@ -50,6 +50,24 @@ def minilm_int8(minilm_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A random 2-layer transformers BertModel (width 32, vocab 30522) with MiniLM's tokenizer files."""
+    import shutil
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=64)
+    transformers.BertModel(config).eval().save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copyfile(MINILM / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def smollm2_slice(shared):
     """The first layers and ids of the real SmolLM2-135M-Instruct as an fp32 HF directory (tests/realweights.py),
     built once per machine into the test cache from the GGUF ``build.py`` fetches."""

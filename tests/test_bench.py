@@ -45,6 +45,8 @@ def test_bench_quantized_checkpoint_against_fp32_reference(record, stories_int4)
     candidate, reference = record.candidate, record.reference
     assert candidate.scheme == "8da4w" and candidate.path == str(stories_int4)
     assert reference.scheme == "fp32" and reference.path == str(DEFAULT_CHECKPOINT), "reference from the manifest"
+    assert candidate.format == reference.format == "eager", "the opener's one word for models run in torch"
+    assert candidate.threads_note.startswith("torch.set_num_threads(1), CPU affinity"), "the local runner pins"
     assert [t.name for t in candidate.tests] == ["pp4", "pp8", "tg4"] == [t.name for t in reference.tests]
     for model in record.models:
         assert model.load_s > 0 and model.peak_rss_bytes >= model.rss_after_load_bytes > 0

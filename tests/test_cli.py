@@ -1,7 +1,9 @@
 """The CLI: results on stdout, one-line errors with exit code 2 and no traceback for every bad input."""
 
 import json
+import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +157,72 @@ def test_debug_shows_the_traceback():
     result = CliRunner().invoke(main, ["--debug", "inspect", "/no/such/checkpoint"])
     assert result.exit_code != 0 and result.exception is not None
     assert "no such file" in str(result.exception)
+
+
+# ---- outputs never destroy inputs; one calibration rule; exit codes 3, 70, 130 ----
+
+def files_of(directory):
+    return {path.relative_to(directory).as_posix(): path.read_bytes() for path in sorted(directory.rglob("*"))
+            if path.is_file()}
+
+
+@pytest.fixture
+def quantized_copy(stories_int4, tmp_path):
+    return Path(shutil.copytree(stories_int4, tmp_path / "q"))
+
+
+@pytest.mark.parametrize("relation", ["is", "lies inside", "contains"])
+@pytest.mark.parametrize("command", ["export", "quantize", "forge"])
+def test_an_output_overlapping_the_input_is_refused_and_the_input_is_intact(command, relation, hf_dir,
+                                                                            quantized_copy):
+    source = quantized_copy if command == "export" else hf_dir
+    output = {"is": source, "lies inside": source / "out", "contains": source.parent}[relation]
+    options = {"export": ["--target", "onnx-cpu"], "quantize": ["--recipe", "int4-xnnpack"],
+               "forge": ["--recipe", "int4-xnnpack", "--target", "onnx-cpu"]}[command]
+    before, siblings = files_of(source), sorted(source.parent.iterdir())
+    result = CliRunner().invoke(main, [command, str(source), *options, "-o", str(output)], catch_exceptions=False)
+    assert_one_line_error(result, f"{output}: output {relation} the input ")
+    assert files_of(source) == before and sorted(source.parent.iterdir()) == siblings
+
+
+@pytest.mark.parametrize("command", ["quantize", "forge"])
+def test_calibration_longer_than_the_context_is_refused_alike_by_quantize_and_forge(tmp_path, command):
+    from edgeforge.pipeline import BUNDLED_TEXT
+
+    out = tmp_path / "out"
+    extra = ["--calib", BUNDLED_TEXT / "calibration.txt"] if command == "quantize" else ["--target", "onnx-cpu"]
+    result = run(command, "--recipe", "int4-gptq", "--seq-len", 1024, *extra, "-o", out)
+    assert_one_line_error(result, "stories260K", ": calibration seq_len 1024 exceeds the model's context 512: "
+                                                 "pass --seq-len 512 or less")
+    assert not out.exists()
+
+
+def test_a_model_file_the_runtime_refuses_exits_3_with_one_line(stories_int4, tmp_path):
+    from edgeforge.checkpoints import DEFAULT_CHECKPOINT
+    from edgeforge.export import export
+    from edgeforge.pipeline import BUNDLED_TEXT
+
+    artifact = export(stories_int4, "onnx-cpu", tmp_path / "artifact", max_seq_len=64, check=False).path
+    (artifact / "model.onnx").write_bytes(b"\x00 not a protobuf " * 64)
+    result = CliRunner().invoke(main, ["verify", str(artifact), "--reference", str(DEFAULT_CHECKPOINT), "--data",
+                                       str(BUNDLED_TEXT / "evaluation.txt"), "--seq-len", "64", "--windows", "2"],
+                                catch_exceptions=False)
+    assert result.exit_code == 3, f"exit {result.exit_code}: {result.stderr}"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("edgeforge: error: onnxruntime could not load ") and "model.onnx" in last, last
+    assert "Traceback" not in result.output + result.stderr
+
+
+@pytest.mark.parametrize("raised, code, message", [
+    (ValueError("planted bug\nwith a second line"), 70,
+     "edgeforge: internal error: ValueError: planted bug (rerun with --debug for the traceback)"),
+    (KeyboardInterrupt(), 130, "edgeforge: interrupted")])
+def test_a_bug_and_an_interrupt_exit_with_their_code_and_one_line(monkeypatch, tmp_path, raised, code, message):
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr("edgeforge.pipeline.forge", fail)
+    result = CliRunner().invoke(main, ["forge", "-o", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == code, f"exit {result.exit_code}: {result.stderr}"
+    assert result.stderr.strip().splitlines() == [message]
+    assert "Traceback" not in result.output + result.stderr and not (tmp_path / "out").exists()

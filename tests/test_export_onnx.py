@@ -139,7 +139,7 @@ def _assert_layers_exact(reference_model, tokens):
     import onnxruntime
     from onnx import TensorProto
 
-    from edgeforge.export.onnx_graph import GraphBuilder, linear
+    from edgeforge.export.onnx.layers import GraphBuilder, linear
 
     seen: dict[str, list] = {}
     hooks = [module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, []).append((i[0], o)))
@@ -167,7 +167,7 @@ def _assert_layers_exact(reference_model, tokens):
 
 
 def _graph(model):
-    from edgeforge.export.onnx_llama import build_decoder
+    from edgeforge.export.onnx.graph import build_decoder
 
     graph = build_decoder(model, max_seq_len=64)
     nodes = {node.name.rsplit("/", 1)[0]: node for node in graph.nodes
@@ -317,8 +317,8 @@ def test_tokenizer_json_encodes_like_sentencepiece_and_genai_after_whitespace_cl
 def test_llama2c_scored_vocabulary_converts_to_a_tokenizer_json_with_the_same_ids(paragraphs, tmp_path):
     from tokenizers import Tokenizer
 
-    from edgeforge.checkpoints.tokenizers import ScoredBPETokenizer
-    from edgeforge.export.onnx_genai import write_tokenizer_json
+    from edgeforge.checkpoints.scored_bpe import ScoredBPETokenizer
+    from edgeforge.checkpoints.tokenizer_json import write_tokenizer_json
 
     vocabulary = ScoredBPETokenizer.from_llama2c(STORIES / "tok512.bin", 512)
     assert write_tokenizer_json(vocabulary, tmp_path) is None
@@ -330,8 +330,8 @@ def test_llama2c_scored_vocabulary_converts_to_a_tokenizer_json_with_the_same_id
 def test_report_names_ops_the_cpu_provider_has_no_kernel_for():
     from onnx import TensorProto
 
-    from edgeforge.export.onnx import op_report
-    from edgeforge.export.onnx_graph import GraphBuilder
+    from edgeforge.export.onnx.lower import op_report
+    from edgeforge.export.onnx.layers import GraphBuilder
 
     graph = GraphBuilder("g")
     x = graph.add_input("x", TensorProto.FLOAT, [2])
@@ -403,9 +403,9 @@ def test_session_refuses_positions_that_skip_and_restarts_at_zero(stories, tmp_p
 def test_external_data_above_the_size_threshold(stories, tmp_path, monkeypatch):
     import onnx
 
-    from edgeforge.export import onnx as onnx_exporter
+    from edgeforge.export.onnx import lower as onnx_lower
 
-    monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_THRESHOLD_BYTES", 64 * 1024)  # stories260K is ~1 MB
+    monkeypatch.setattr(onnx_lower, "EXTERNAL_DATA_THRESHOLD_BYTES", 64 * 1024)  # stories260K is ~1 MB
     artifact = export(stories("fp32"), "onnx-cpu", tmp_path / "onnx", max_seq_len=MAX_SEQ_LEN)
     report = artifact.manifest["report"]
     data = artifact.path / "model.onnx.data"
@@ -419,14 +419,14 @@ def test_external_data_above_the_size_threshold(stories, tmp_path, monkeypatch):
 
 def test_export_refuses_when_logits_diverge(stories, tmp_path, monkeypatch):
     """A lowering bug (int4 nibbles swapped) must be caught by the guard: exit 1, nothing written."""
-    from edgeforge.export import onnx_graph
+    from edgeforge.export.onnx import layers as onnx_layers
     from edgeforge.quantize.scheme import pack_int4
 
     def swapped_nibbles(qdata):
         packed = pack_int4(qdata)
         return (packed >> 4) | (packed << 4)
 
-    monkeypatch.setattr(onnx_graph, "pack_int4", swapped_nibbles)
+    monkeypatch.setattr(onnx_layers, "pack_int4", swapped_nibbles)
     with pytest.raises(GateFailed, match="disagree with the eager 4w model.*the fp32-drift test refuses it too") as info:
         export(stories("4w"), "onnx-cpu", tmp_path / "onnx", max_seq_len=MAX_SEQ_LEN)
     assert info.value.exit_code == 1 and not (tmp_path / "onnx").exists()
@@ -435,7 +435,7 @@ def test_export_refuses_when_logits_diverge(stories, tmp_path, monkeypatch):
 def test_group_size_matmulnbits_cannot_take_is_refused_with_the_layer_name():
     from onnx import TensorProto
 
-    from edgeforge.export.onnx_graph import GraphBuilder, linear
+    from edgeforge.export.onnx.layers import GraphBuilder, linear
 
     scheme = WeightScheme(bits=4, group_size=48)
     weight = QuantizedWeight(torch.zeros(8, 96, dtype=torch.int8), torch.ones(8, 2), None)
@@ -451,7 +451,7 @@ def test_grouped_asymmetric_quantized_embedding_gathers_what_eager_does(ids_shap
     import onnxruntime
     from onnx import TensorProto
 
-    from edgeforge.export.onnx_graph import GraphBuilder, embedding
+    from edgeforge.export.onnx.layers import GraphBuilder, embedding
     from edgeforge.quantize.modules import QuantizedEmbedding
     from edgeforge.quantize.rtn import rtn_quantize
 
@@ -489,8 +489,8 @@ def test_a_tensor_past_2_gib_is_written_as_external_data_and_runs(tmp_path):
     import onnxruntime
     from onnx import TensorProto
 
-    from edgeforge.export.onnx import save_model
-    from edgeforge.export.onnx_graph import GraphBuilder
+    from edgeforge.export.onnx.lower import save_model
+    from edgeforge.export.onnx.layers import GraphBuilder
 
     rows, dim = 140_000, 4096  # 2.29 GB of float32
     table = np.zeros((rows, dim), np.float32)

@@ -13,11 +13,10 @@ Tolerances (decoders: logits over a prefill then single-token decode steps throu
   are the .pte's own (DecoderSession) greedy tokens, and each is the eager model's argmax after the
   same prefix or within 0.5 logit of it (a near-tie).
 - encoders: fp32 cosine >= 0.999 against the eager fp32 model (measured 1 - 1e-12). int8 (8da8w):
-  cosine >= 0.995 against the eager int8 model (measured 0.9991: see executorch.guard_tolerance), and
+  cosine >= 0.995 against the eager int8 model (measured 0.9991: see edgeforge.export.tolerance), and
   no further from the fp32 reference than the eager int8 model is (within 0.001).
 """
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,12 @@ import torch.nn.functional as F
 from edgeforge.checkpoints import DEFAULT_CHECKPOINT, load_model, open_checkpoint
 from edgeforge.errors import ConfigError, GateFailed, InputError, UnsupportedError
 from edgeforge.export import Target, export, open_source
-from edgeforge.export import executorch as pte
-from edgeforge.export.guard import compare_logits, decode_logits
+from edgeforge.export.executorch.graph import ENCODER_MAX_BATCH, export_program, structural_copy
+from edgeforge.export.executorch.layers import to_lowerable
+from edgeforge.export.executorch.lower import delegation_report, kernel_name, lower
+from edgeforge.export.executorch.session import DecoderSession, load_method, register_kernels
+from edgeforge.export.guard import compare_logits, decode_logits, describe as describe_guard
+from edgeforge.export.tolerance import widened_tolerance
 from edgeforge.models.llama import LlamaConfig
 from edgeforge.quantize import load_quantized_model, load_recipe, quantize_checkpoint
 from edgeforge.quantize.calibration import build_calibration
@@ -44,7 +47,7 @@ TINY_RECIPES = {"8da8w": "int8-dynamic", "8da4w": "int4-xnnpack", "8w": "int8-we
 TINY = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=96, max_seq_len=128)
 MAX_SEQ_LEN = 128
 XNNPACK_8W = Target(name="xnnpack-8w", format="pte", backend="xnnpack", schemes=("fp32", "8w"),
-                    memory_budget_mb=1024, latency="here")  # a target that lets 8w past the scheme check
+                    latency="here")  # a target that lets 8w past the scheme check
 
 
 # ---- fixtures ----
@@ -109,7 +112,7 @@ def logits_pair(model, session_forward, tokens, prefill):
 
 def runner_pieces(artifact, prompt: str, max_new_tokens: int) -> list[str]:
     """Greedy text pieces from ExecuTorch's LLM runner (the C++ TextLLMRunner), fed the artifact's tokenizer."""
-    pte.register_kernels()
+    register_kernels()
     from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
 
     runner = TextLLMRunner(str(artifact.model_file), str(artifact.path / artifact.manifest["report"]["runner_tokenizer"]))
@@ -142,11 +145,11 @@ def assert_layers_exact(model, tokens, tmp_path):
         model(tokens)
     for hook in hooks:
         hook.remove()
-    linears = pte.to_torchao(pte.structural_copy(Linears([model.get_submodule(name) for name in names])))
+    linears = to_lowerable(structural_copy(Linears([model.get_submodule(name) for name in names])))
     inputs = tuple(seen[name][0] for name in names)
-    program = pte.lower(torch.export.export(linears, inputs), backend="xnnpack")
+    program = lower(torch.export.export(linears, inputs), backend="xnnpack")
     (tmp_path / "linears.pte").write_bytes(program.buffer)
-    method = pte.load_method(tmp_path / "linears.pte")
+    method = load_method(tmp_path / "linears.pte")
     outputs = method.execute(list(inputs))
     for name, actual in zip(names, outputs):
         expected = seen[name][1]
@@ -198,19 +201,19 @@ def test_gqa_fp32_pte_matches_eager_and_reports_what_runs_where(tiny_llama, tiny
 @pytest.mark.parametrize("scheme", ["8da8w", "8da4w"])
 def test_xnnpack_receives_edgeforge_integers_and_scales(scheme, tiny_llama, tmp_path):
     source = open_source(tiny_llama(scheme))
-    program = pte.lower(pte.export_program(source, max_seq_len=MAX_SEQ_LEN), backend="xnnpack")
+    program = lower(export_program(source, max_seq_len=MAX_SEQ_LEN), backend="xnnpack")
     delegated = {}
     graph_module = program.exported_program().graph_module
     for node in graph_module.graph.nodes:
-        if node.op == "call_function" and pte.kernel_name(node) == "executorch_call_delegate":
+        if node.op == "call_function" and kernel_name(node) == "executorch_call_delegate":
             delegated.update(getattr(graph_module, node.args[0].target).original_module.state_dict)
     linears = {name: m for name, m in source.model.named_modules() if isinstance(m, QuantizedLinear)}
     grouped = [m for m in linears.values() if m.scheme.bits == 4 and m.scale.shape[1] > 1]
     assert linears and bool(grouped) == (scheme == "8da4w")
-    for name, module in linears.items():  # torchao's tensor, flattened: original0 = integers, original1 = scales
-        assert torch.equal(delegated[f"core.{name}.parametrizations.weight.original0"], module.qdata), name
-        assert torch.equal(delegated[f"core.{name}.parametrizations.weight.original1"], module.scale), name
-    report = pte.delegation_report(program.exported_program())
+    for name, module in linears.items():  # DynamicInt8Linear's buffers (per-channel scales as a vector)
+        assert torch.equal(delegated[f"core.{name}.qdata"], module.qdata), name
+        assert torch.equal(delegated[f"core.{name}.scale"].reshape(module.scale.shape), module.scale), name
+    report = delegation_report(program.exported_program())
     assert "quantized_decomposed::embedding_byte.out" in report["ops_outside_delegate"]  # int8 table, no float copy
     embedding, kept = source.model.tok_embeddings, program.exported_program().state_dict
     assert isinstance(embedding, QuantizedEmbedding)
@@ -218,12 +221,12 @@ def test_xnnpack_receives_edgeforge_integers_and_scales(scheme, tiny_llama, tmp_
     assert torch.equal(kept["core.tok_embeddings.parametrizations.weight.original1"], embedding.scale)
 
     (tmp_path / "model.pte").write_bytes(program.buffer)
-    session = pte.DecoderSession(tmp_path / "model.pte", max_seq_len=MAX_SEQ_LEN)
+    session = DecoderSession(tmp_path / "model.pte", max_seq_len=MAX_SEQ_LEN)
     tokens = torch.randint(0, TINY.vocab_size, (1, 96), generator=torch.Generator().manual_seed(1))
     exact = eager_model(source.path)  # xnnpack numerics: group-wise scales in bf16, as XNNPACK holds them
     reference, candidate = logits_pair(exact, session.forward, tokens, 64)
     assert (reference - candidate).abs().max() <= 1e-4, (reference - candidate).abs().max()
-    assert pte.guard_tolerance(source) is None
+    assert widened_tolerance(source) is None
 
 
 def test_int8_weight_only_through_xnnpack_is_refused_and_nothing_is_written(tiny_llama, tmp_path):
@@ -247,7 +250,7 @@ def test_export_refuses_a_scheme_the_target_does_not_run_and_names_one_that_does
 
 
 def test_unsupported_pte_backends_are_refused_before_exporting(tiny_llama, tmp_path):
-    npu = Target(name="npu", format="pte", backend="vendor-npu", schemes=("fp32",), memory_budget_mb=1, latency="")
+    npu = Target(name="npu", format="pte", backend="vendor-npu", schemes=("fp32",), latency="")
     with pytest.raises(UnsupportedError, match="backend 'vendor-npu'.*supported: xnnpack, coreml"):
         export(tiny_llama("fp32"), npu, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -323,26 +326,21 @@ def test_stories_pte_matches_eager_and_runs_in_the_llm_runner(scheme, stories, s
 # ---- encoders ----
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
+def tiny_bert(tiny_bert_dir):
     """A random 2-layer transformers BertModel with MiniLM's tokenizer files (the guard encodes sentences)."""
-    transformers = pytest.importorskip("transformers")
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=64)
-    transformers.BertModel(config).eval().save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copyfile(MINILM / name, directory / name)
-    return directory
+    return tiny_bert_dir
 
 
 def test_encoder_pte_has_dynamic_batch_and_length(tiny_bert, tmp_path):
     artifact = export(tiny_bert, "host", tmp_path / "pte")
     assert artifact.manifest["guard"]["passed"] and artifact.manifest["report"]["runner_metadata"] is None
+    guard = artifact.manifest["guard"]  # what was measured: cosine over sentences, no top token to agree on
+    assert guard["sentences"] == 4 and guard["min_cosine"] >= 0.999 and "top1_agreement" not in guard, guard
+    assert describe_guard(guard) == f"passed against the eager model: min cosine {guard['min_cosine']:.5f} over 4 sentences"
     session, model = artifact.open(), eager_model(tiny_bert)
     tokenizer = open_checkpoint(tiny_bert).tokenizer
     batches = (["hello"], ["a man is eating food.", "a", "the quick brown fox jumps over the lazy dog"],
-               [f"sentence number {i} of a batch larger than the graph's" for i in range(pte.ENCODER_MAX_BATCH + 3)])
+               [f"sentence number {i} of a batch larger than the graph's" for i in range(ENCODER_MAX_BATCH + 3)])
     for texts in batches:
         inputs = tokenizer.encode_batch(texts, max_length=64)
         with torch.no_grad():

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from edgeforge.pipeline import ForgeSettings, forge
 
 FAST = dict(recipe="int4-xnnpack", target="onnx-cpu", eval_windows=4, eval_seq_len=128, repetitions=1,
@@ -53,3 +55,16 @@ def test_forge_killed_during_export_resumes_without_half_written_artifacts(tmp_p
     assert result.reused == ["quantize"]
     assert (out / "artifact" / "edgeforge.json").exists() and (out / "report.html").exists()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_forge_refuses_an_output_that_holds_its_text_before_writing_anything(tmp_path):
+    from edgeforge.errors import InputError
+    from edgeforge.pipeline import BUNDLED_TEXT
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    evaluation = texts / "evaluation.txt"
+    evaluation.write_bytes((BUNDLED_TEXT / "evaluation.txt").read_bytes())
+    with pytest.raises(InputError, match=f"^{texts}: output contains the input {evaluation}"):
+        forge(ForgeSettings(**{**FAST, "data": str(evaluation)}), texts)
+    assert [p.name for p in texts.iterdir()] == ["evaluation.txt"]

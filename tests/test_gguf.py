@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from edgeforge.checkpoints import load_model, open_checkpoint
-from edgeforge.checkpoints.tokenizers import ScoredBPETokenizer, SentencePieceTokenizer
+from edgeforge.checkpoints.scored_bpe import ScoredBPETokenizer
+from edgeforge.checkpoints.tokenizers import SentencePieceTokenizer
 from edgeforge.errors import InputError, UnsupportedError
 from edgeforge.models.llama import LlamaConfig, RopeScaling
 from tests.writers import core_state, llama3_rope_factors, random_llama, write_gguf

@@ -19,6 +19,7 @@ import torch
 from edgeforge.errors import GateFailed
 from edgeforge.export import Target, export, guard, load_target, open_source
 from edgeforge.export.guard import DRIFT_FLOOR_SHARE, DRIFT_Z, judge_drift
+from edgeforge.export.tolerance import scheme_tolerance
 from edgeforge.quantize.metrics import kl_divergence_nats
 from edgeforge.quantize import load_quantized_model
 
@@ -79,7 +80,7 @@ def test_judge_drift_refuses_a_consistent_excess_and_a_consistent_top1_loss():
 
 MAX_SEQ_LEN = 128
 XNNPACK_8W = Target(name="xnnpack-8w", format="pte", backend="xnnpack", schemes=("fp32", "8w"),
-                    memory_budget_mb=1024, latency="here")  # lets 8w past the scheme check, as in test_export_pte
+                    latency="here")  # lets 8w past the scheme check, as in test_export_pte
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def onnx_with_per_token_eager() -> Target:
 def assert_fp32_drift_passed(record: dict) -> None:
     """The guard record of an artifact tier 1 refused (below the one-tier guard's tolerance) and tier 2 passed."""
     assert record["test"] == "fp32-drift" and record["passed"], record
-    min_cosine, min_top1 = guard.TOLERANCE["default"]
+    min_cosine, min_top1 = scheme_tolerance("8da4w")
     assert record["min_cosine"] < min_cosine or record["top1_agreement"] < min_top1, record
     drift = record["fp32_drift"]
     assert drift["passed"] and drift["tokens"] == "text", drift
@@ -171,14 +172,14 @@ def test_fp32_drift_refuses_when_the_fp32_source_is_missing_or_changed(smollm2_s
 
 def test_swapped_nibbles_are_refused_by_both_tiers(smollm2_slice_int4, tmp_path, monkeypatch):
     """A lowering bug in ONNX's int4 packing: the two nibbles of each byte swapped."""
-    from edgeforge.export import onnx_graph
+    from edgeforge.export.onnx import layers as onnx_layers
     from edgeforge.quantize.scheme import pack_int4
 
     def swapped_nibbles(qdata):
         packed = pack_int4(qdata)
         return (packed >> 4) | (packed << 4)
 
-    monkeypatch.setattr(onnx_graph, "pack_int4", swapped_nibbles)
+    monkeypatch.setattr(onnx_layers, "pack_int4", swapped_nibbles)
     with pytest.raises(GateFailed) as refusal:
         export(smollm2_slice_int4, "onnx-cpu", tmp_path / "artifact", max_seq_len=MAX_SEQ_LEN)
     assert_refused_by_both_tiers(refusal.value, "8da4w")
@@ -188,9 +189,9 @@ def test_swapped_nibbles_are_refused_by_both_tiers(smollm2_slice_int4, tmp_path,
 def test_scales_four_times_too_large_in_one_layer_are_refused_by_both_tiers(smollm2_slice_int4, tmp_path,
                                                                              monkeypatch):
     """A lowering bug in one layer's scales: layer 1's down projection written with 4x its scales."""
-    from edgeforge.export import onnx_graph
+    from edgeforge.export.onnx import layers as onnx_layers
 
-    write = onnx_graph.nbits_tensors
+    write = onnx_layers.nbits_tensors
     wrong = load_quantized_model(smollm2_slice_int4).layers[1].feed_forward.w2.qdata
 
     def four_times_the_scales(module, block_size):
@@ -199,7 +200,7 @@ def test_scales_four_times_too_large_in_one_layer_are_refused_by_both_tiers(smol
             tensors["scales"] = tensors["scales"] * 4
         return tensors
 
-    monkeypatch.setattr(onnx_graph, "nbits_tensors", four_times_the_scales)
+    monkeypatch.setattr(onnx_layers, "nbits_tensors", four_times_the_scales)
     with pytest.raises(GateFailed) as refusal:
         export(smollm2_slice_int4, "onnx-cpu", tmp_path / "artifact", max_seq_len=MAX_SEQ_LEN)
     assert_refused_by_both_tiers(refusal.value, "8da4w")

@@ -89,19 +89,39 @@ class TwoLinears(nn.Module):
 
 @pytest.fixture(scope="module")
 def pte_results(tmp_path_factory):
-    """Both PTE_LAYERS lowered through the exporter's own path (torchao tensors of edgeforge's integers ->
-    XNNPACK) into one .pte, run by executorch.runtime: {name: (eager module, input, runtime output)}."""
-    from edgeforge.export.executorch import load_method, lower, structural_copy, to_torchao
+    """Both PTE_LAYERS lowered through the exporter's own path (edgeforge's integers in quantized_decomposed
+    ops -> XNNPACK) into one .pte, run by executorch.runtime: {name: (eager module, input, runtime output)}."""
+    from edgeforge.export.executorch.graph import structural_copy
+    from edgeforge.export.executorch.layers import to_lowerable
+    from edgeforge.export.executorch.lower import lower
+    from edgeforge.export.executorch.session import load_method
 
     modules = {name: quantized_linear(scheme, k, XNNPACK) for name, (scheme, k) in PTE_LAYERS.items()}
     inputs = {name: real_model_like_inputs(k) for name, (_, k) in PTE_LAYERS.items()}
-    model = to_torchao(structural_copy(TwoLinears(*modules.values()))).eval()
+    model = to_lowerable(structural_copy(TwoLinears(*modules.values()))).eval()
     with torch.no_grad():
         program = torch.export.export(model, tuple(inputs.values()), strict=True)
     model_file = tmp_path_factory.mktemp("pte") / "two_linears.pte"
     model_file.write_bytes(lower(program, backend="xnnpack").buffer)
     outputs = load_method(model_file).execute(list(inputs.values()))
     return {name: (modules[name], inputs[name], output.clone()) for name, output in zip(PTE_LAYERS, outputs)}
+
+
+def test_decomposed_linears_lower_to_the_same_program_as_torchao_tensors():
+    """The fast-lowering form of the dynamic linears (quantized_decomposed ops) hands XNNPACK exactly what
+    torchao's tensor subclass does: the two .pte files are the same bytes."""
+    from edgeforge.export.executorch.graph import structural_copy
+    from edgeforge.export.executorch.layers import to_lowerable
+    from edgeforge.export.executorch.lower import lower
+
+    modules = [quantized_linear(scheme, k, XNNPACK) for scheme, k in PTE_LAYERS.values()]
+    inputs = tuple(real_model_like_inputs(k) for _, k in PTE_LAYERS.values())
+    programs = []
+    for decomposed in (True, False):
+        model = to_lowerable(structural_copy(TwoLinears(*modules)), decomposed=decomposed).eval()
+        with torch.no_grad():
+            programs.append(lower(torch.export.export(model, inputs, strict=False), backend="xnnpack").buffer)
+    assert programs[0] == programs[1]
 
 
 @pytest.mark.parametrize("name", PTE_LAYERS)
@@ -128,7 +148,7 @@ def run_matmul_nbits(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     import onnxruntime
     from onnx import TensorProto
 
-    from edgeforge.export.onnx_graph import GraphBuilder, linear
+    from edgeforge.export.onnx.layers import GraphBuilder, linear
 
     graph = GraphBuilder("one_linear")
     source = graph.add_input("x", TensorProto.FLOAT, list(x.shape))
@@ -173,7 +193,7 @@ def test_targets_name_their_runtime_numerics(tmp_path):
     assert load_target("android-arm64-xnnpack").activation_numerics is XNNPACK
     assert load_target("onnx-cpu").activation_numerics is MLAS
     bad = tmp_path / "npu.toml"
-    bad.write_text('format = "onnx"\nbackend = "cpu"\nschemes = ["8da4w"]\nmemory_budget_mb = 1\nlatency = "x"\n'
+    bad.write_text('format = "onnx"\nbackend = "cpu"\nschemes = ["8da4w"]\nlatency = "x"\n'
                    'activation_numerics = "per-token"\n')
     with pytest.raises(ConfigError, match="npu.toml: target key 'activation_numerics': unknown activation "
                                           "numerics 'per-token'; known: mlas-int8-block, xnnpack"):

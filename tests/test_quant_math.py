@@ -19,7 +19,7 @@ from edgeforge.quantize.activations import (
 from edgeforge.quantize.awq import awq_search_scales
 from edgeforge.quantize.fold import fold_scales_into_linear, fold_scales_into_norm
 from edgeforge.quantize.gptq import HessianAccumulator, gptq_quantize
-from edgeforge.quantize.metrics import relative_output_error, sqnr_db
+from edgeforge.quantize.metrics import energy_sqnr_db, relative_output_error, sqnr_db
 from edgeforge.quantize.rtn import fake_quantize_weight, mse_clip_search, rtn_quantize
 from edgeforge.quantize.scheme import (
     ActivationScheme,
@@ -73,6 +73,15 @@ def test_weight_scheme_round_trips_through_dict():
         data = scheme.to_dict()
         assert data["kind"] == "weight_scheme" and data["version"] == 1, data
         assert WeightScheme.from_dict(data) == scheme
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_stored_bytes_is_what_the_checkpoint_stores_for_a_layer(scheme):
+    from edgeforge.quantize.checkpoint import layer_tensors
+
+    weight = torch.randn(24, 64)
+    stored = layer_tensors("layer", rtn_quantize(weight, scheme), scheme)
+    assert scheme.stored_bytes(24, 64) == sum(t.numel() * t.element_size() for t in stored.values()), stored.keys()
 
 
 @pytest.mark.parametrize("fields", [{"bits": 3}, {"bits": 4, "group_size": 0}, {"bits": 8, "group_size": 32.0},
@@ -406,3 +415,14 @@ def test_error_metrics():
     assert relative_output_error(reference, reference) == 0.0
     assert sqnr_db(reference, torch.tensor([3.0, 4.5])) == pytest.approx(20.0)
     assert relative_output_error(reference, torch.tensor([3.0, 4.5])) == pytest.approx(0.1)
+    assert energy_sqnr_db(100.0, 1.0) == pytest.approx(20.0)
+    assert energy_sqnr_db(1.0, 0.0) == float("inf") and energy_sqnr_db(0.0, 1.0) == float("-inf")
+
+
+def test_sqnr_from_energies_summed_over_row_chunks_is_the_sqnr_of_the_whole():
+    torch.manual_seed(0)
+    reference = torch.randn(64, 48)
+    approx = fake_quantize_weight(reference, WeightScheme(4, 16))
+    signal = sum(rows.double().pow(2).sum().item() for rows in reference.split(10))
+    noise = sum((r - a).double().pow(2).sum().item() for r, a in zip(reference.split(10), approx.split(10)))
+    assert energy_sqnr_db(signal, noise) == pytest.approx(sqnr_db(reference, approx), rel=1e-12)

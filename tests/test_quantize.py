@@ -163,7 +163,8 @@ def test_recipe_errors_name_the_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match=r"mine\.toml: unknown recipe key 'gptq\.dampening'"):
         load_recipe(recipe)
     recipe.write_text('algorithm = "magic"\n[weights]\nbits = 4\n')
-    with pytest.raises(ConfigError, match=r"mine\.toml: unknown algorithm 'magic'"):
+    with pytest.raises(ConfigError, match=r"mine\.toml: unknown quantization algorithm 'magic'; known: awq, awq\+gptq, "
+                                          r"gptq, mse, rtn, smoothquant"):
         load_recipe(recipe)
     with pytest.raises(UnknownNameError, match="unknown recipe 'int3'.*int4-gptq"):
         load_recipe("int3")
@@ -215,3 +216,31 @@ def test_cli_quantize_refusals_leave_nothing_behind(split, tmp_path):
         assert result.exit_code == 2, (extra, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
         assert not out.exists() and not list(tmp_path.glob(".q.*"))
+
+
+def test_encoders_take_the_same_block_driver_and_calibrated_algorithms(tiny_bert_dir, split, tmp_path):
+    """GPTQ (once refused for encoders) walks the BERT blocks like a decoder's: it beats RTN on every linear,
+    and the quantized encoder's embeddings stay close to fp32."""
+    checkpoint = open_checkpoint(tiny_bert_dir)
+    calibration = build_calibration(split[1], checkpoint.tokenizer, samples=16, seq_len=32)
+    result = quantize_checkpoint(checkpoint, load_recipe("int4-gptq"), calibration=calibration,
+                                 output_dir=tmp_path / "q")
+    layers = result.manifest["layers"]
+    linears = {name: layer for name, layer in layers.items() if name != "embeddings.word_embeddings"}
+    assert len(linears) == 12 and all(layer["algorithm"] == "gptq" for layer in linears.values())
+    worse = {name: (layer["rel_error"], layer["rel_error_rtn"]) for name, layer in linears.items()
+             if not layer["rel_error"] < layer["rel_error_rtn"]}
+    assert not worse, f"GPTQ not below RTN on {worse}"
+    tokens = calibration.tokens[:4]
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(load_model(checkpoint)(tokens, torch.ones_like(tokens)),
+                                                       load_quantized_model(tmp_path / "q")(tokens,
+                                                                                            torch.ones_like(tokens)))
+    assert cosine.min() > 0.98, cosine
+
+
+def test_unknown_architecture_names_the_registered_ones():
+    from edgeforge.models import model_class
+
+    with pytest.raises(UnknownNameError, match="unknown architecture 'gpt2'; known: bert, llama"):
+        model_class("gpt2")

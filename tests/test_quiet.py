@@ -76,7 +76,7 @@ def test_third_party_warnings_and_logs_are_held_only_while_quiet(enabled, caplog
 
 
 def test_a_runtime_failure_still_shows_the_runtime_message(tmp_path, capfd):
-    from edgeforge.export.executorch import load_method
+    from edgeforge.export.executorch.session import load_method
 
     program = tmp_path / "model.pte"
     program.write_bytes(b"\0" * 64)  # no ExecuTorch program header

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from edgeforge.checkpoints.tokenizers import (LLAMA3_SPECIAL_TOKENS, LLAMA3_SPLIT, HFTokenizer, ScoredBPETokenizer,
-                                              SentencePieceTokenizer, find_tokenizer, is_tiktoken_file)
+from edgeforge.checkpoints.scored_bpe import ScoredBPETokenizer
+from edgeforge.checkpoints.tokenizers import (LLAMA3_SPECIAL_TOKENS, LLAMA3_SPLIT, HFTokenizer, SentencePieceTokenizer,
+                                              find_tokenizer, is_tiktoken_file)
 from edgeforge.errors import InputError
 from tests.conftest import SHARED, STORIES
 
@@ -157,7 +158,7 @@ def test_tiktoken_tokenizer_converts_to_the_tokenizer_json_genai_reads(tiktoken_
     from tokenizers import Tokenizer
 
     from edgeforge.export import export
-    from edgeforge.export.onnx_genai import write_tokenizer_json
+    from edgeforge.checkpoints.tokenizer_json import write_tokenizer_json
     from tests.test_llama import GQA_TIED
     from tests.writers import core_state, random_llama, write_hf
 
@@ -209,8 +210,8 @@ def test_several_end_of_sequence_ids_reach_the_pte_metadata_and_genai_config(tmp
     from types import SimpleNamespace
 
     from edgeforge.checkpoints.tokenizers import tokenizer_files
-    from edgeforge.export.executorch import runner_metadata
-    from edgeforge.export.onnx import write_genai_files
+    from edgeforge.export.executorch.exporter import runner_metadata
+    from edgeforge.export.onnx.lower import write_genai_files
     from edgeforge.models.llama import LlamaConfig
 
     directory = _word_level_dir(tmp_path / "tok", '{"eos_token_id": [2, 1]}')

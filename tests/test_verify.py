@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import edgeforge.verify.verify as verify_module
+import edgeforge.verify.decoder as decoder_module
 from edgeforge.checkpoints import DEFAULT_CHECKPOINT, load_model, open_checkpoint
 from edgeforge.cli import main
 from edgeforge.errors import ConfigError, InputError
@@ -21,7 +21,8 @@ from edgeforge.verify.drift import summarize_drift, token_stats, token_windows
 from edgeforge.verify.models import open_for_eval
 from edgeforge.verify.report import format_verify_report
 from edgeforge.verify.reference import DEFAULT_TOP_K, decoder_reference, topk_token_stats
-from edgeforge.verify.verify import EAGER_KLD_SEMS, EAGER_KLD_SLACK, VerifyOptions, eager_kld_bound, verify
+from edgeforge.verify.decoder import EAGER_KLD_SEMS, EAGER_KLD_SLACK, eager_kld_bound
+from edgeforge.verify.verify import VerifyOptions, verify
 from tests.conftest import SHARED
 
 TEXT = SHARED / "data" / "tinystories-valid" / "tinystories_valid_head.txt"
@@ -76,7 +77,7 @@ def test_second_verify_reads_the_reference_from_the_cache(int4, texts, tmp_path,
         runs.append(1)
         return decoder_reference(*args, **kwargs)
 
-    monkeypatch.setattr(verify_module, "decoder_reference", counting)
+    monkeypatch.setattr(decoder_module, "decoder_reference", counting)
     options = VerifyOptions(seq_len=128, windows=4, cache_dir=tmp_path / "cache")
     first = verify(int4, DEFAULT_CHECKPOINT, texts["eval"], options)
     files = list((tmp_path / "cache").iterdir())
@@ -182,8 +183,8 @@ def test_overlapping_text_is_refused_with_exit_2_unless_allowed(int4, texts):
 def test_short_boilerplate_documents_do_not_count_as_overlap():
     from edgeforge.errors import InputError
     from edgeforge.quantize.calibration import document_fingerprint
-    from edgeforge.verify.models import Lineage
-    from edgeforge.verify.verify import check_overlap
+    from edgeforge.verify.lineage import Lineage
+    from edgeforge.verify.measured import check_overlap
 
     story = "Once upon a time there was a little dog who liked to run in the park."
     lineage = Lineage(calibrated=True, calibration_sha256="0" * 64, fingerprints_source="calibration.json",

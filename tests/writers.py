@@ -237,3 +237,17 @@ def write_gguf(path: Path, config: LlamaConfig, state: dict, *, tensor_type: str
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_plugin_distribution(site: Path, group: str, entry_points: dict[str, str], modules: dict[str, str]) -> Path:
+    """A distribution ``toyplugin`` 0.1 as pip would install it into ``site`` (put ``site`` on sys.path and refresh
+    the registry to see it): its ``entry_points`` (name -> "module:object") in ``group``, and ``modules``
+    (module name -> source)."""
+    info = site / "toyplugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n" + "".join(f"{name} = {target}\n"
+                                                                    for name, target in entry_points.items()))
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+    return site

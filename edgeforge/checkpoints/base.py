@@ -1,13 +1,14 @@
 """What every checkpoint format produces: a lazily-read :class:`Checkpoint`, and the format registry.
 
-A format is added by adding a module that calls :func:`register_format`; nothing else changes.
+A format is added by a module with a :class:`CheckpointFormat` (``@checkpoint_format(name, detect=...)`` on its
+opener) and an entry point naming it in the group ``edgeforge.formats`` (edgeforge's own formats are declared in
+its ``pyproject.toml``); nothing else changes.
 Tensors are exposed under the model core's names and layout (rotate-half RoPE) and read only when
 asked for, so a caller can stream one decoder block at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from edgeforge.errors import InputError
+from edgeforge.fileio import content_sha256
+from edgeforge.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -94,14 +97,8 @@ class Checkpoint:
         return counts
 
     def content_hash(self) -> str:
-        """SHA-256 over the checkpoint's files (names and bytes), for manifests and caches."""
-        digest = hashlib.sha256()
-        for path in sorted(self.files):
-            digest.update(path.name.encode())
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        """SHA-256 over the checkpoint's files (``fileio.content_sha256``), for manifests and caches."""
+        return content_sha256(*self.files)
 
 
 def _numel(shape) -> int:
@@ -118,21 +115,18 @@ class CheckpointFormat:
     open: Callable[[Path], Checkpoint]
 
 
-_FORMATS: dict[str, CheckpointFormat] = {}
+# Format name -> CheckpointFormat, from the entry points of the group edgeforge.formats.
+FORMATS: Registry[CheckpointFormat] = Registry("formats", "checkpoint format")
 
 
-def register_format(name: str, detect: Callable[[Path], bool]):
-    """Decorator: register ``open(path) -> Checkpoint`` for files where ``detect(path)`` is true."""
+def checkpoint_format(name: str, detect: Callable[[Path], bool]):
+    """Decorator: ``open(path) -> Checkpoint`` becomes the CheckpointFormat ``name`` for files where ``detect(path)``
+    is true (the object the format's entry point names)."""
 
-    def decorate(open_fn: Callable[[Path], Checkpoint]):
-        _FORMATS[name] = CheckpointFormat(name, detect, open_fn)
-        return open_fn
+    def decorate(open_fn: Callable[[Path], Checkpoint]) -> CheckpointFormat:
+        return CheckpointFormat(name, detect, open_fn)
 
     return decorate
-
-
-def formats() -> dict[str, CheckpointFormat]:
-    return dict(_FORMATS)
 
 
 def require(config: dict, key: str, path: Path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeforge.checkpoints.base import Checkpoint, LazyTensors, register_format
+from edgeforge.checkpoints.base import Checkpoint, LazyTensors, checkpoint_format
 from edgeforge.checkpoints.permute import interleaved_to_rotate_half
 from edgeforge.checkpoints.tokenizers import LLAMA3_SPLIT, HFTokenizer, ScoredBPETokenizer, bos_template
 from edgeforge.errors import ConfigError, InputError, UnsupportedError
@@ -114,7 +114,7 @@ def _open_reader(path: Path):
                          path=path) from exc
 
 
-@register_format("gguf", detect=_is_gguf)
+@checkpoint_format("gguf", detect=_is_gguf)
 def open_gguf(path: Path) -> Checkpoint:
     """Open a llama GGUF file (memory-mapped; tensors are dequantized when read)."""
     reader = _open_reader(path)

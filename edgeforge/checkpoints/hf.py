@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from edgeforge.checkpoints.base import Checkpoint, LazyTensors, register_format, require
+from edgeforge.checkpoints.base import Checkpoint, LazyTensors, checkpoint_format, require
 from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError, UnsupportedError
 from edgeforge.fileio import read_json
@@ -144,7 +144,7 @@ def _llama_rename(tie: bool):
     return rename
 
 
-@register_format("hf", detect=_is_hf_dir)
+@checkpoint_format("hf", detect=_is_hf_dir)
 def open_hf(path: Path) -> Checkpoint:
     """Open a Hugging Face model directory (Llama decoder or BERT encoder)."""
     config_path = path / "config.json"

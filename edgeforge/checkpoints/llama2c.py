@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeforge.checkpoints.base import Checkpoint, LazyTensors, register_format
+from edgeforge.checkpoints.base import Checkpoint, LazyTensors, checkpoint_format
 from edgeforge.checkpoints.permute import interleaved_to_rotate_half
 from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError, UnsupportedError
@@ -74,7 +74,7 @@ _PER_LAYER = {"attention_norm": "attention_norm.weight", "ffn_norm": "ffn_norm.w
               "w3": "feed_forward.w3.weight"}
 
 
-@register_format("llama2c", detect=_is_llama2c)
+@checkpoint_format("llama2c", detect=_is_llama2c)
 def open_llama2c(path: Path) -> Checkpoint:
     """Open a llama2.c ``.bin`` file (memory-mapped; arrays are read on access)."""
     try:

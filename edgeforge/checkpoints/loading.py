@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from edgeforge.checkpoints.base import Checkpoint, formats
-from edgeforge.errors import InputError, UnknownNameError
+from edgeforge.checkpoints.base import FORMATS, Checkpoint
+from edgeforge.errors import InputError
 from edgeforge.models import model_class
 
 
@@ -54,12 +54,9 @@ def open_checkpoint(path: str | Path, format: str | None = None) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or directory", path=path)
-    known = formats()
-    if format is not None and format not in known:
-        raise UnknownNameError("checkpoint format", format, list(known))
-    candidates = [known[format]] if format else [fmt for fmt in known.values() if fmt.detect(path)]
+    candidates = [FORMATS.get(format)] if format else [fmt for fmt in FORMATS if fmt.detect(path)]
     if not candidates:
-        raise InputError(f"not a recognised checkpoint (known formats: {', '.join(known)})", path=path)
+        raise InputError(f"not a recognised checkpoint (known formats: {', '.join(FORMATS.names())})", path=path)
     checkpoint = candidates[0].open(path)
     validate(checkpoint)
     return checkpoint

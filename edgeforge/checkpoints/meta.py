@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from edgeforge.checkpoints.base import Checkpoint, LazyTensors, register_format, require
+from edgeforge.checkpoints.base import Checkpoint, LazyTensors, checkpoint_format, require
 from edgeforge.checkpoints.loading import expected_shapes
 from edgeforge.checkpoints.permute import interleaved_to_rotate_half
 from edgeforge.checkpoints.tokenizers import find_tokenizer
@@ -50,7 +50,7 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@register_format("meta", detect=_is_meta_dir)
+@checkpoint_format("meta", detect=_is_meta_dir)
 def open_meta(path: Path) -> Checkpoint:
     """Open a Meta checkpoint directory; shards are merged along the dimension they were split on."""
     params_path = path / "params.json"

@@ -51,12 +51,30 @@ def main(debug: bool) -> None:
     """
 
 
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names (edgeforge.registry), read when the option is parsed or shown, so an
+    entry point installed after import counts. ``registry`` is the Registry, or ``"module:NAME"`` naming one in
+    a module imported only then (it may import torch, which ``edgeforge --help`` must not)."""
+
+    def __init__(self, registry):
+        self.registry, self.case_sensitive = registry, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        registry = self.registry
+        if isinstance(registry, str):
+            import importlib
+
+            module, name = registry.split(":")
+            registry = getattr(importlib.import_module(module), name)
+        return tuple(registry.names())
+
+
 def _checkpoint_argument():
     return click.argument("checkpoint", required=False, type=click.Path(path_type=str))
 
 
 def _open(checkpoint: str | None, format: str | None = None):
-    import edgeforge.quantize  # noqa: F401  (registers the quantized-checkpoint format)
     from edgeforge.checkpoints import DEFAULT_CHECKPOINT, open_checkpoint
 
     return open_checkpoint(checkpoint or DEFAULT_CHECKPOINT, format)

@@ -6,13 +6,13 @@ import json
 
 import click
 
-from edgeforge.cli import _emit_json, _progress, main
+from edgeforge.cli import RegistryChoice, _emit_json, _progress, main
 
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=str))
 @click.option("--target", "-t", required=True, help="Target profile name (see `edgeforge targets`) or a target TOML path.")
-@click.option("--format", "format_", type=click.Choice(["pte", "onnx"]), help="Artifact format (must match the target's).")
+@click.option("--format", "format_", type=RegistryChoice("edgeforge.export.artifact:EXPORTERS"), help="Artifact format (must match the target's).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Artifact directory to write.")
 @click.option("--max-seq-len", type=click.IntRange(1), help="KV-cache length of the exported decoder (default: min(context, 2048)).")
 @click.option("--json", "json_path", metavar="FILE", help="Write the export report as JSON to FILE ('-' for stdout).")

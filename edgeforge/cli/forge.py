@@ -5,32 +5,40 @@ from __future__ import annotations
 import click
 
 from edgeforge.cli import main, _checkpoint_argument, _progress
+from edgeforge.pipeline import BUNDLED_CALIBRATION, ForgeSettings
+
+DEFAULTS = ForgeSettings()  # the defaults live there; the help shows them
 
 
 @main.command()
 @_checkpoint_argument()
-@click.option("--recipe", "-r", default="int4-gptq", show_default=True, help="Recipe name or TOML path.")
-@click.option("--target", "-t", default="host", show_default=True, help="Target profile name or TOML path.")
+@click.option("--recipe", "-r", help=f"Recipe name or TOML path (default: {DEFAULTS.recipe}).")
+@click.option("--target", "-t", help=f"Target profile name or TOML path (default: {DEFAULTS.target}).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Forge directory (reruns resume in it).")
 @click.option("--calib", type=click.Path(path_type=str), help="Calibration text (default: bundled TinyStories sample).")
 @click.option("--data", type=click.Path(path_type=str), help="Evaluation text (default: bundled TinyStories sample, disjoint).")
-@click.option("--samples", type=click.IntRange(1), help="Calibration samples (default: the recipe's).")
-@click.option("--seq-len", type=click.IntRange(2), help="Tokens per calibration sample (default: the recipe's).")
+@click.option("--samples", type=click.IntRange(1), help="Calibration samples (default: the recipe's; "
+                                                       f"{BUNDLED_CALIBRATION['samples']} on the bundled text).")
+@click.option("--seq-len", type=click.IntRange(2), help="Tokens per calibration sample (default: the recipe's; "
+                                                       f"{BUNDLED_CALIBRATION['seq_len']} on the bundled text).")
 @click.option("--max-seq-len", type=click.IntRange(1), help="KV-cache length of the exported decoder.")
-@click.option("--eval-windows", default=32, show_default=True, type=click.IntRange(1), help="Evaluation windows for verify.")
-@click.option("--eval-seq-len", default=256, show_default=True, type=click.IntRange(2), help="Tokens per evaluation window.")
-@click.option("--repetitions", default=5, show_default=True, type=click.IntRange(1), help="Timed repetitions in bench.")
+@click.option("--eval-windows", type=click.IntRange(1),
+              help=f"Evaluation windows for verify (default: {DEFAULTS.eval_windows}).")
+@click.option("--eval-seq-len", type=click.IntRange(2),
+              help=f"Tokens per evaluation window (default: {DEFAULTS.eval_seq_len}).")
+@click.option("--repetitions", type=click.IntRange(1), help=f"Timed repetitions in bench (default: {DEFAULTS.repetitions}).")
 def forge(checkpoint, recipe, target, output, calib, data, samples, seq_len, max_seq_len, eval_windows, eval_seq_len,
           repetitions) -> None:
     """Quantize -> export -> verify -> bench -> report in one command; unchanged stages are reused on a rerun.
 
     Example: edgeforge forge --recipe int4-gptq --target host -o forge-out
     """
-    from edgeforge.pipeline import ForgeSettings, forge as run_forge
+    from edgeforge.pipeline import forge as run_forge
 
-    settings = ForgeSettings(recipe=recipe, target=target, checkpoint=checkpoint, calib=calib, data=data,
-                             samples=samples, seq_len=seq_len, max_seq_len=max_seq_len, eval_seq_len=eval_seq_len,
-                             eval_windows=eval_windows, repetitions=repetitions)
+    given = {"recipe": recipe, "target": target, "checkpoint": checkpoint, "calib": calib, "data": data,
+             "samples": samples, "seq_len": seq_len, "max_seq_len": max_seq_len, "eval_seq_len": eval_seq_len,
+             "eval_windows": eval_windows, "repetitions": repetitions}
+    settings = ForgeSettings(**{key: value for key, value in given.items() if value is not None})
     result = run_forge(settings, output, progress=_progress)
     click.echo(format_forge_summary(result))
     verify = result.report["verify"] or {}

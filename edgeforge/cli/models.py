@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from edgeforge.cli import main, _checkpoint_argument, _open, _emit_json
+from edgeforge.cli import RegistryChoice, main, _checkpoint_argument, _open, _emit_json
 
 
 @main.command()
 @_checkpoint_argument()
-@click.option("--format", "format_", help="Force a checkpoint format (hf, meta, llama2c, gguf) instead of detecting it.")
+@click.option("--format", "format_", type=RegistryChoice("edgeforge.checkpoints.base:FORMATS"),
+              help="Force a checkpoint format instead of detecting it.")
 @click.option("--json", "json_path", metavar="FILE", help="Also write the record as JSON to FILE ('-' for stdout only).")
 def inspect(checkpoint: str | None, format_: str | None, json_path: str | None) -> None:
     """Describe a checkpoint: format, architecture, parameters, dtypes, size, tokenizer, quantization.

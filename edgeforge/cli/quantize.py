@@ -26,11 +26,9 @@ def quantize(checkpoint, recipe, calib, samples, seq_len, seed, target, output, 
 
     Example: edgeforge quantize ./Llama-3.2-1B --recipe int4-gptq --calib wiki.txt --target onnx-cpu -o llama-int4
     """
-    from dataclasses import replace
-
     from edgeforge.quantize import load_recipe, quantize_checkpoint
     from edgeforge.quantize.activations import DEFAULT_NUMERICS
-    from edgeforge.quantize.calibration import build_calibration
+    from edgeforge.quantize.calibration import calibration_for, with_calibration
 
     numerics = DEFAULT_NUMERICS
     if target is not None:
@@ -38,23 +36,8 @@ def quantize(checkpoint, recipe, calib, samples, seq_len, seed, target, output, 
 
         numerics = load_target(target).activation_numerics
     ckpt = _open(checkpoint)
-    chosen = load_recipe(recipe)
-    settings = replace(chosen.calibration, **{k: v for k, v in
-                                              {"samples": samples, "seq_len": seq_len, "seed": seed}.items()
-                                              if v is not None})
-    chosen = replace(chosen, calibration=settings)
-    calibration = None
-    if calib:
-        if ckpt.tokenizer is None:
-            from edgeforge.errors import InputError
-
-            raise InputError("missing tokenizer: calibration text cannot be tokenized", path=ckpt.path)
-        if settings.seq_len > getattr(ckpt.config, "max_seq_len", settings.seq_len):
-            from edgeforge.errors import ConfigError
-
-            raise ConfigError(f"--seq-len {settings.seq_len} exceeds the model's context {ckpt.config.max_seq_len}")
-        calibration = build_calibration(calib, ckpt.tokenizer, samples=settings.samples, seq_len=settings.seq_len,
-                                        seed=settings.seed)
+    chosen = with_calibration(load_recipe(recipe), samples=samples, seq_len=seq_len, seed=seed)
+    calibration = calibration_for(ckpt, chosen, calib) if calib else None
     result = quantize_checkpoint(ckpt, chosen, calibration=calibration, output_dir=output, numerics=numerics,
                                  progress=_progress)
     click.echo(format_quantize_summary(result))
@@ -88,8 +71,9 @@ def _num(value, spec: str = ".4f") -> str:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the recipes as JSON.")
 def recipes(as_json: bool) -> None:
-    """List the bundled quantization recipes."""
+    """List the bundled quantization recipes, then the registered algorithms a recipe may name."""
     from edgeforge.quantize import list_recipes, load_recipe
+    from edgeforge.quantize.algorithms import ALGORITHMS
 
     loaded = [load_recipe(path) for path in list_recipes().values()]
     if as_json:
@@ -100,3 +84,4 @@ def recipes(as_json: bool) -> None:
         scheme = f"w{weights.bits}" + (f" g{weights.group_size}" if weights.group_size else " per-ch")
         click.echo(f"{recipe.name:<16} {recipe.algorithm:<12} {scheme:<10} act {recipe.activations.value:<13} "
                    f"{recipe.description}")
+    click.echo(f"algorithms: {', '.join(ALGORITHMS.names())}")

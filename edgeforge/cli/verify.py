@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from edgeforge.cli import main, _progress, _emit_json
+from edgeforge.cli import RegistryChoice, main, _progress, _emit_json
+from edgeforge.runners import DEFAULT_RUNNER, RUNNERS
 
 
 @main.command()
@@ -56,8 +57,10 @@ def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_
 @click.option("--warmup", type=click.IntRange(0), help="Untimed rounds first (default 1).")
 @click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads (default: every CPU this process may use).")
 @click.option("--bandwidth-mib", type=click.IntRange(1), help="Working set of the bandwidth test (default: above 4x the last-level cache).")
+@click.option("--runner", type=RegistryChoice(RUNNERS),
+              help=f"Where the models run: a runner of the edgeforge.runners entry-point group (default {DEFAULT_RUNNER}).")
 @click.option("--json", "json_path", metavar="FILE", help="Write the record, raw samples included, as JSON to FILE ('-' for stdout only).")
-def bench(artifact, reference, prompt_lengths, decode_tokens, repetitions, warmup, threads, bandwidth_mib,
+def bench(artifact, reference, prompt_lengths, decode_tokens, repetitions, warmup, threads, bandwidth_mib, runner,
           json_path) -> None:
     """Measure load time, TTFT, prefill and decode tokens/s, peak RSS and the bandwidth ceiling, beside the fp32 reference.
 
@@ -68,7 +71,7 @@ def bench(artifact, reference, prompt_lengths, decode_tokens, repetitions, warmu
     settings = BenchSettings.from_options(prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
                                           repetitions=repetitions, warmup=warmup, threads=threads,
                                           bandwidth_bytes=bandwidth_mib and bandwidth_mib * 2**20)
-    record = run_bench(artifact, reference=reference, settings=settings, progress=_progress)
+    record = run_bench(artifact, reference=reference, settings=settings, runner=runner, progress=_progress)
     if json_path != "-":
         click.echo(format_bench(record))
     _emit_json(record.to_dict(), json_path)

@@ -58,7 +58,8 @@ def export(source_path: str | Path, target: str | Target, output_dir: str | Path
     exporter = exporter_for(target.format)
     start = time.perf_counter()
     phase = _PhaseClock(say)
-    with atomic_directory(output_dir) as tmp:
+    fp32_source = (source.manifest.get("source") or {}).get("path") if source.manifest else None
+    with atomic_directory(output_dir, inputs=[source.path, *source.tokenizer_files, fp32_source]) as tmp:
         say(f"exporting {source.path} ({source.scheme}) for {target.name} ...")
         report = exporter.export(source, target, tmp, max_seq_len=max_seq_len, phase=phase)
         phase("files", "tokenizer, manifest")

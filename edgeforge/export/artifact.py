@@ -2,12 +2,13 @@
 
 An artifact is a directory: the model file(s) for one runtime, the tokenizer files, and
 ``edgeforge.json`` (kind ``edgeforge.artifact``) saying what made it, from what, and the export report.
-A format is added by adding a module that registers an :class:`Exporter`; nothing else changes.
+A format is added by a class with the :class:`Exporter` methods and an entry point naming it in the group
+``edgeforge.exporters`` (edgeforge's own ``pte`` and ``onnx`` are declared in its ``pyproject.toml``);
+nothing else changes.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Protocol
 
 import torch
 
-from edgeforge.errors import InputError, UnknownNameError, UnsupportedError
+from edgeforge.errors import InputError, UnsupportedError
 from edgeforge.fileio import read_json
+from edgeforge.registry import Registry
 
 MANIFEST = "edgeforge.json"
 KIND = "edgeforge.artifact"
@@ -36,6 +38,7 @@ class Session(Protocol):
 
 class Exporter(Protocol):
     name: str  # the target format it produces: "pte", "onnx"
+    runtime_package: str  # the distribution its sessions run in, whose version reports record: "executorch"
 
     def export(self, source, target, out_dir: Path, *, max_seq_len: int, phase: Callable[[str, str], None]) -> dict:
         """Write the model file(s) into ``out_dir`` (a fresh temporary directory), calling ``phase(name, what)``
@@ -46,29 +49,22 @@ class Exporter(Protocol):
     def open(self, artifact_dir: Path, manifest: dict) -> Session:
         """Load the artifact in its real runtime."""
 
+    def prepare_runtime(self, threads: int) -> str:
+        """Import the runtime open() needs (seconds: bench times it apart from loading) and size its thread
+        pool to ``threads`` where the runtime has its own; return how its threads were set, for the report."""
+
 
 def no_phase(name: str, what: str = "") -> None:
     """The ``phase`` callback of a caller that does not follow an export's progress."""
 
 
-_EXPORTERS: dict[str, Exporter] = {}
-
-
-def register_exporter(exporter_class):
-    """Class decorator: register an exporter under its ``name``."""
-    _EXPORTERS[exporter_class.name] = exporter_class()
-    return exporter_class
-
-
-_BUILTIN_EXPORTERS = {"pte": "edgeforge.export.executorch", "onnx": "edgeforge.export.onnx"}  # format -> module
+# Artifact format -> exporter; loading one imports only its own module (asking for onnx never imports ExecuTorch).
+EXPORTERS: Registry[Exporter] = Registry("exporters", "artifact format", make=lambda exporter_class: exporter_class())
 
 
 def exporter_for(format: str) -> Exporter:
-    if format not in _EXPORTERS and format in _BUILTIN_EXPORTERS:
-        importlib.import_module(_BUILTIN_EXPORTERS[format])  # registers it; only the runtime this format needs
-    if format not in _EXPORTERS:
-        raise UnknownNameError("artifact format", format, sorted(set(_EXPORTERS) | set(_BUILTIN_EXPORTERS)))
-    return _EXPORTERS[format]
+    """The exporter of ``format``; UnknownNameError lists the known formats."""
+    return EXPORTERS.get(format)
 
 
 @dataclass

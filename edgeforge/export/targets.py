@@ -2,8 +2,9 @@
 
 A target names the artifact format, the backend (partitioner or execution provider), the schemes
 it runs, the run-time arithmetic of its quantized linears (``activation_numerics``: ``xnnpack`` or
-``mlas-int8-block``, see :mod:`edgeforge.quantize.activations`; absent: ``xnnpack``), its memory budget,
-and how its latency is measured.
+``mlas-int8-block``, see :mod:`edgeforge.quantize.activations`; absent: ``xnnpack``) and how its latency
+is measured. A target holds no memory budget: nothing here measures a device's memory, so a budget would
+be checked against a guess; the artifact's report gives its size and planned memory, bench its peak RSS.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeforge.errors import ConfigError, UnknownNameError
+from edgeforge.export.artifact import EXPORTERS
 from edgeforge.fileio import named_toml, read_toml
 from edgeforge.quantize.activations import DEFAULT_NUMERICS, ActivationNumerics
 
 TARGET_DIR = Path(__file__).resolve().parent.parent / "targets"
-_KEYS = {"description", "format", "backend", "schemes", "memory_budget_mb", "latency", "runs_here",
-         "activation_numerics"}
+_KEYS = {"description", "format", "backend", "schemes", "latency", "runs_here", "activation_numerics"}
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,6 @@ class Target:
     format: str  # "pte" | "onnx"
     backend: str  # "xnnpack", "coreml", "cpu", "qnn-htp"
     schemes: tuple[str, ...]  # "fp32", "8da8w", "8da4w", "4w", "8w", "w8a8-static"
-    memory_budget_mb: int
     latency: str
     description: str = ""
     runs_here: bool = True  # False: the artifact cannot be executed (or checked) on this machine
@@ -47,15 +47,18 @@ def load_target(name_or_path: str | Path) -> Target:
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise ConfigError(f"unknown target key '{unknown[0]}' (known: {', '.join(sorted(_KEYS))})", path=path)
-    missing = [key for key in ("format", "backend", "schemes", "memory_budget_mb", "latency") if key not in data]
+    missing = [key for key in ("format", "backend", "schemes", "latency") if key not in data]
     if missing:
         raise ConfigError(f"target key '{missing[0]}' is required", path=path)
+    if data["format"] not in EXPORTERS:
+        raise ConfigError(f"target key 'format': unknown artifact format {data['format']!r} (installed: "
+                          f"{', '.join(EXPORTERS.names())})", path=path)
     try:
         numerics = ActivationNumerics.from_name(data.get("activation_numerics", DEFAULT_NUMERICS.value))
     except UnknownNameError as exc:
         raise ConfigError(f"target key 'activation_numerics': {exc.problem}", path=path) from None
     return Target(name=path.stem, format=data["format"], backend=data["backend"], schemes=tuple(data["schemes"]),
-                  memory_budget_mb=int(data["memory_budget_mb"]), latency=data["latency"],
+                  latency=data["latency"],
                   description=data.get("description", ""), runs_here=bool(data.get("runs_here", True)),
                   activation_numerics=numerics)
 

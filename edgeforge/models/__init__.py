@@ -1,18 +1,16 @@
-"""Model definitions in plain torch: the Llama decoder and the BERT-style sentence encoder."""
+"""Model definitions in plain torch: the Llama decoder and the BERT-style sentence encoder, and the registered
+architecture objects (:mod:`edgeforge.models.architecture`) that describe them to the other stages."""
 
 from __future__ import annotations
 
-from edgeforge.errors import UnknownNameError
+from edgeforge.models.architecture import ARCHITECTURES, Architecture
 
 
-def model_class(architecture: str):
-    """The nn.Module class for an architecture name ("llama", "bert")."""
-    if architecture == "llama":
-        from edgeforge.models.llama import Transformer
+def architecture(name: str) -> Architecture:
+    """The registered architecture called ``name`` ("llama", "bert", or a plugin's); UnknownNameError lists them."""
+    return ARCHITECTURES.get(name)
 
-        return Transformer
-    if architecture == "bert":
-        from edgeforge.models.encoder import BertEncoder
 
-        return BertEncoder
-    raise UnknownNameError("architecture", architecture, ["llama", "bert"])
+def model_class(name: str):
+    """The nn.Module class for an architecture name."""
+    return architecture(name).model_class

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,3 +115,29 @@ def build_calibration(path: str | Path, tokenizer, *, samples: int, seq_len: int
     used = sorted({owners[i] for w in chosen for i in range(w * seq_len, (w + 1) * seq_len)})
     return CalibrationSet(tokens=tokens, source=str(path), sha256=sha256, available_tokens=len(stream),
                           document_fingerprints=tuple(document_fingerprint(documents[i]) for i in used))
+
+
+def with_calibration(recipe, *, samples: int | None = None, seq_len: int | None = None, seed: int | None = None):
+    """``recipe`` with the calibration settings given in place of its own (None keeps the recipe's)."""
+    given = {"samples": samples, "seq_len": seq_len, "seed": seed}
+    settings = replace(recipe.calibration, **{key: value for key, value in given.items() if value is not None})
+    return replace(recipe, calibration=settings)
+
+
+def check_calibration(checkpoint, recipe) -> None:
+    """Pre-flight, before any text or weight is read: InputError when ``checkpoint`` has no tokenizer to
+    encode calibration text, ConfigError when the recipe's calibration seq_len exceeds the model's context."""
+    if checkpoint.tokenizer is None:
+        raise InputError("no tokenizer: calibration text cannot be tokenized", path=checkpoint.path)
+    seq_len, context = recipe.calibration.seq_len, checkpoint.config.max_seq_len
+    if seq_len > context:
+        raise ConfigError(f"calibration seq_len {seq_len} exceeds the model's context {context}: "
+                          f"pass --seq-len {context} or less", path=checkpoint.path)
+
+
+def calibration_for(checkpoint, recipe, text: str | Path) -> CalibrationSet:
+    """The calibration set ``recipe`` asks for, drawn from ``text`` in ``checkpoint``'s tokens."""
+    check_calibration(checkpoint, recipe)
+    settings = recipe.calibration
+    return build_calibration(text, checkpoint.tokenizer, samples=settings.samples, seq_len=settings.seq_len,
+                             seed=settings.seed)

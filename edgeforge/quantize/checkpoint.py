@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from edgeforge.checkpoints import Checkpoint, LazyTensors, register_format
+from edgeforge.checkpoints import Checkpoint, LazyTensors, checkpoint_format
 from edgeforge.checkpoints.hf import safetensors_files
 from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError
-from edgeforge.fileio import read_json, write_json_atomic
+from edgeforge.fileio import content_files, read_json, write_json_atomic
 from edgeforge.models import model_class
 from edgeforge.quantize.activations import DEFAULT_NUMERICS, ActivationNumerics
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear, set_module
@@ -198,7 +198,7 @@ def _is_quantized_dir(path: Path) -> bool:
         (path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
-@register_format("edgeforge", detect=_is_quantized_dir)
+@checkpoint_format("edgeforge", detect=_is_quantized_dir)
 def open_quantized(path: Path) -> Checkpoint:
     """A quantized checkpoint seen as a plain one: weights dequantized to float32 on read (for inspect)."""
     manifest = read_manifest(path)
@@ -224,7 +224,7 @@ def open_quantized(path: Path) -> Checkpoint:
                     "activations": manifest["recipe"]["activations"],
                     "activation_numerics": manifest_numerics(manifest).value,
                     "layers": ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))}
-    files = sorted(p for p in path.iterdir() if p.is_file())
+    files = content_files(path)  # what content_hash covers, as for an artifact directory
     return Checkpoint(path=path, format="edgeforge", architecture=manifest["architecture"], config=config, tensors=lazy,
                       tokenizer=find_tokenizer(path, vocab_size=config.vocab_size), files=files,
                       metadata={"quantization": quantization, "source": manifest["source"]["path"]})

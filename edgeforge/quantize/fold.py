@@ -10,6 +10,9 @@ added at run time. In a Llama block the producer is:
   rows by s divides w2's input by s (:func:`fold_scales_into_linear`);
 - wv before wo, only without grouped-query attention (each wv row feeds exactly one wo column).
 
+Where no op can absorb 1/s exactly (a post-norm encoder's LayerNorm also feeds the residual), the linears
+keep it as an explicit multiply on their input (:func:`fold_group_scales`, ``Absorb.MULTIPLIER``).
+
 Both functions return new tensors in the inputs' dtype and leave their arguments untouched.
 """
 
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from edgeforge.errors import UnsupportedError
+from edgeforge.models.architecture import Absorb, Group
 
 
 def fold_scales_into_norm(norm_weight: torch.Tensor, linear_weights: Sequence[torch.Tensor],
@@ -39,6 +43,20 @@ def fold_scales_into_linear(previous_weight: torch.Tensor, linear_weights: Seque
             "(grouped-query attention shares value heads, so wv cannot absorb wo's scales)")
     folded = (previous_weight.float() / scales[:, None]).to(previous_weight.dtype)
     return folded, _scale_columns(linear_weights, scales)
+
+
+def fold_group_scales(block: torch.nn.Module, group: Group, weights: Sequence[torch.Tensor],
+                      scales: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Fold ``scales`` between ``group``'s producer in ``block`` and its linears (``weights``), as the group's
+    ``absorb`` says: the producer is rewritten in place; returns the linears' new weights and the multiplier
+    1/s they must apply to their input (None where the producer absorbed it)."""
+    if group.absorb is Absorb.MULTIPLIER:
+        return _scale_columns(weights, scales), 1 / scales
+    producer = block.get_submodule(group.producer)
+    fold = fold_scales_into_norm if group.absorb is Absorb.NORM else fold_scales_into_linear
+    new_producer, new_weights = fold(producer.weight, weights, scales)
+    producer.weight = torch.nn.Parameter(new_producer, requires_grad=False)
+    return new_weights, None
 
 
 def _scale_columns(linear_weights: Sequence[torch.Tensor], scales: torch.Tensor) -> list[torch.Tensor]:

@@ -8,15 +8,17 @@ import torch
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio 20·log10(‖ref‖ / ‖ref − approx‖) in dB; inf when identical."""
+    """Signal-to-quantization-noise ratio of ``approx`` against ``reference`` in dB; inf when identical."""
     reference, approx = reference.double(), approx.double()
-    noise = torch.linalg.vector_norm(reference - approx).item()
-    signal = torch.linalg.vector_norm(reference).item()
+    return energy_sqnr_db(reference.pow(2).sum().item(), (reference - approx).pow(2).sum().item())
+
+
+def energy_sqnr_db(signal: float, noise: float) -> float:
+    """10·log10(signal energy / noise energy), from sums of squares (accumulated over row chunks, say); inf
+    when the noise is zero, -inf when the signal is."""
     if noise == 0:
         return math.inf
-    if signal == 0:
-        return -math.inf
-    return 20 * math.log10(signal / noise)
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def relative_output_error(ref_out: torch.Tensor, q_out: torch.Tensor) -> float:

@@ -4,7 +4,7 @@ A recipe names one calibration algorithm, the default weight scheme for decoder 
 activation scheme, separate schemes for the token embedding and the output head, and ordered
 per-layer overrides (regex on the layer name, first match wins). Unknown keys are errors.
 
-    algorithm = "gptq"              # rtn | mse | gptq | awq | awq+gptq | smoothquant
+    algorithm = "gptq"              # a registered algorithm: rtn | mse | gptq | awq | awq+gptq | smoothquant | a plugin's
     activations = "dynamic_int8"    # none | dynamic_int8 | static_int8
     fallback = "int8"               # for a layer its group size does not divide: int8 | per-channel
     [weights]      bits = 4, group_size = 32, symmetric = true
@@ -34,10 +34,10 @@ from pathlib import Path
 
 from edgeforge.errors import ConfigError, UnknownNameError
 from edgeforge.fileio import named_toml, read_toml
+from edgeforge.quantize.algorithms import ALGORITHMS, Algorithm, algorithm_for
 from edgeforge.quantize.scheme import ActivationScheme, WeightScheme
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-ALGORITHMS = ("rtn", "mse", "gptq", "awq", "awq+gptq", "smoothquant")
 FALLBACKS = ("int8", "per-channel")
 
 
@@ -108,14 +108,18 @@ class Recipe:
     gates: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise UnknownNameError("algorithm", self.algorithm, ALGORITHMS)
+        ALGORITHMS.get(self.algorithm)  # UnknownNameError listing the registered ones
         if self.fallback not in FALLBACKS:
             raise UnknownNameError("fallback", self.fallback, FALLBACKS)
 
     @property
+    def algorithm_config(self) -> Algorithm:
+        """The registered algorithm's config, with this recipe's settings."""
+        return algorithm_for(self)
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.algorithm not in ("rtn", "mse") or self.activations is ActivationScheme.STATIC_INT8
+        return self.algorithm_config.needs_calibration or self.activations is ActivationScheme.STATIC_INT8
 
     def scheme_for(self, layer: str, in_features: int) -> tuple[WeightScheme | None, str | None]:
         """The scheme a linear gets and, when the fallback rule changed it, why."""

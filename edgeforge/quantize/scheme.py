@@ -85,6 +85,12 @@ class WeightScheme:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
+    def stored_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes a weight [out, in] takes in this scheme: the integers at their bit width, a float32 scale
+        per group and, when asymmetric, an int8 zero point per group."""
+        groups = out_features * (in_features // self.group_size if self.group_size else 1)
+        return out_features * in_features * self.bits // 8 + groups * 4 + (0 if self.symmetric else groups)
+
     def to_dict(self) -> dict:
         return {"kind": self.KIND, "version": self.VERSION, "bits": self.bits,
                 "group_size": self.group_size, "symmetric": self.symmetric}

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import platform
 from datetime import datetime, timezone
-from importlib import metadata
-
 from edgeforge import __version__
+from edgeforge.provenance import package_versions
 
 REPORT_KIND = "edgeforge.report"
 REPORT_SCHEMA_VERSION = 1
 
 
 def _versions() -> dict:
-    out = {"edgeforge": __version__, "python": platform.python_version()}
-    for package in ("torch", "torchao", "executorch", "onnx", "onnxruntime", "transformers"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
+    return {"edgeforge": __version__, "python": platform.python_version(),
+            **package_versions("torch", "torchao", "executorch", "onnx", "onnxruntime", "transformers")}
 
 
 def build_report(*, source: dict, recipe: dict, target: dict, stages: dict[str, dict],

@@ -1,7 +1,8 @@
-"""Bench: how fast an artifact runs on this machine, beside its fp32 eager reference, against the
-memory-bandwidth ceiling.
+"""Bench: how fast an artifact runs on a device (this machine by default), beside its fp32 eager reference,
+against the memory-bandwidth ceiling.
 
     record = bench("llama-int4.pte.d")          # reference: the fp32 checkpoint its manifests name
+    record = bench("llama-int4.pte.d", runner="adb")   # any name in edgeforge.runners.RUNNERS
     print(format_bench(record)); json.dumps(record.to_dict())
 
 Inputs: an exported artifact (.pte / ONNX directory), an edgeforge quantized checkpoint (run eager)
@@ -9,8 +10,9 @@ or an fp32 checkpoint (run eager). Output: a :class:`BenchRecord` with load time
 tokens/s per prompt length (``pp16`` ...), decode tokens/s (``tg32``), peak RSS and size per model;
 the paired speed-up against the reference; the measured bandwidth; the machine.
 
-Method (llama-bench's, with medians): each model lives in its own fresh process
-(:mod:`edgeforge.verify.bench_worker`, which documents what is timed), so its peak RSS is its own.
+Method (llama-bench's, with medians): a runner (:mod:`edgeforge.runners`) reports the device's facts and
+bandwidth and holds each model; the ``local`` runner keeps each in its own fresh process
+(:mod:`edgeforge.runners.local_worker`, which documents what is timed), so its peak RSS is its own.
 Both are loaded, then ``warmup`` untimed rounds and ``repetitions`` timed rounds run, alternating
 the two models within each round (ABBA) so a noisy neighbour slows both alike; speed-up is the
 median of the per-round ratios. Every figure is a median with its IQR, stddev and n; the raw
@@ -23,7 +25,6 @@ rest; one row of an untied embedding table), not a runtime's packed layout or th
 
 from __future__ import annotations
 
-import os
 import random
 import statistics
 from collections.abc import Callable
@@ -32,11 +33,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgeforge.errors import ConfigError
-from edgeforge.verify.bench_models import ModelInfo, decode_bytes_per_token, default_reference, describe_model
+from edgeforge.runners import LoadFacts, Samples, Workload
+from edgeforge.verify.bench_models import BenchModel, decode_bytes_per_token, default_reference, describe_bench_model
 from edgeforge.verify.machine import Bandwidth, Ceiling, bandwidth_ceiling
 
 __all__ = ["BenchRecord", "BenchSettings", "Ceiling", "ModelResult", "Spread", "TestResult", "bandwidth_ceiling",
-           "bench", "decode_bytes_per_token", "describe_model", "format_bench"]
+           "bench", "decode_bytes_per_token", "describe_bench_model", "format_bench"]
 
 TIMED = ("tokenizer excluded (prompts are fixed random token ids); TTFT = prefill forward from an empty cache "
          "+ argmax of the last logits; ppN t/s = N / TTFT; tgN = N single-token forwards after a prefill of "
@@ -137,7 +139,7 @@ class TestResult:
 
 @dataclass
 class ModelResult:
-    """One model's measurements. format/backend: "pte"/"onnx" in their runtime, else "torch eager";
+    """One model's measurements. format/backend: "pte"/"onnx" in their runtime, else "eager"/"torch eager";
     import_s: runtime imports (not in load_s); load_s: open/load + KV-cache setup, n=1;
     rss_*: resident memory of the model's own process after imports, after load, and its peak (ru_maxrss:
     interpreter + torch + runtime + weights + KV cache + activations); threads_note: how threads were set."""
@@ -192,36 +194,37 @@ class BenchRecord:
 # ---- the run ----
 
 def bench(artifact: str | Path, *, reference: str | Path | None = None, settings: BenchSettings = BenchSettings(),
-          progress: Callable[[str], None] | None = None) -> BenchRecord:
-    """Measure ``artifact`` and its fp32 eager reference (``reference``, or the one its manifests name)."""
-    from edgeforge.verify.machine import describe_machine
+          runner: str | None = None, progress: Callable[[str], None] | None = None) -> BenchRecord:
+    """Measure ``artifact`` and its fp32 eager reference (``reference``, or the one its manifests name) on the
+    device of ``runner`` (a name in :data:`edgeforge.runners.RUNNERS`; None: ``DEFAULT_RUNNER``)."""
+    from edgeforge.runners import DEFAULT_RUNNER, RUNNERS
 
     say = progress or (lambda message: None)
-    candidate = describe_model(artifact)
+    device = RUNNERS.get(runner or DEFAULT_RUNNER)
+    candidate = describe_bench_model(artifact)
     reference_path = reference if reference is not None else default_reference(candidate)
-    models = [candidate] + ([describe_model(reference_path)] if reference_path is not None else [])
+    models = [candidate] + ([describe_bench_model(reference_path)] if reference_path is not None else [])
     if len(models) > 1 and models[1].config.vocab_size != candidate.config.vocab_size:
         raise ConfigError(f"reference {models[1].path} has vocabulary {models[1].config.vocab_size}, "
                           f"{candidate.path} has {candidate.config.vocab_size}: not the same model")
     if len(models) > 1:  # same KV-cache length, so attention costs the same
         models[1] = replace(models[1], max_seq_len=min(candidate.max_seq_len, models[1].config.max_seq_len))
     _check_lengths(settings, models)
-    cores = sorted(os.sched_getaffinity(0))
-    threads = settings.threads or len(cores)
-    cores = cores[:threads]
+    environment = device.environment(threads=settings.threads)
+    threads, cores, machine = environment.threads, environment.cores, environment.machine
     caveats = [f"{threads} threads on {len(cores)} CPUs: oversubscribed"] if threads > len(cores) else []
     caveats += [warning for model in models for warning in model.warnings]
     rng = random.Random(settings.seed)
     prompts = [[rng.randrange(candidate.config.vocab_size) for _ in range(n)] for n in settings.prompt_lengths]
     context = prompts[settings.prompt_lengths.index(min(settings.prompt_lengths))]
 
-    machine = describe_machine(threads=threads).to_dict()
     if machine["load_average_1m"] > machine["usable_cpus"]:
         caveats.append(f"load average {machine['load_average_1m']:.1f} on {machine['usable_cpus']} CPUs: other "
                        "processes compete for them, so timings are noisy (see the IQR) and multi-threaded runs "
                        "suffer most (a descheduled thread stalls every parallel op)")
-    bandwidth, loads, runs, peaks = _measure(models, settings, threads=threads, cores=cores, prompts=prompts,
-                                             context=context, say=say)
+    bandwidth, loads, runs, peaks = _measure(device, environment, models, settings,
+                                             Workload(prompts=prompts, decode_context=context,
+                                                      decode_tokens=settings.decode_tokens), say=say)
     if bandwidth.note:
         caveats.append(f"bandwidth: {bandwidth.note}")
     results = [_model_result(role, model, load, peak, run, settings, bandwidth)
@@ -236,26 +239,20 @@ def bench(artifact: str | Path, *, reference: str | Path | None = None, settings
                        prompt_token_ids=prompts, bandwidth=bandwidth.to_dict(), machine=machine, caveats=caveats)
 
 
-def _measure(models: list[ModelInfo], settings: BenchSettings, *, threads: int, cores: list[int],
-             prompts: list[list[int]], context: list[int], say: Callable[[str], None]):
-    """Bandwidth, then every model in its own process: load, warm-up and timed rounds (ABBA), peak RSS."""
-    from edgeforge.verify.bench_worker import WorkerProcess
-
-    with ExitStack() as stack:  # every process starts (imports) at once; then each measures alone
-        meter = stack.enter_context(WorkerProcess("the bandwidth test", bandwidth_only=True))
-        workers = [stack.enter_context(WorkerProcess(model.label)) for model in models]
-        for worker in (meter, *workers):
-            worker.call("setup", threads=threads, cores=cores)
-        say(f"measuring memory bandwidth with {threads} thread(s) ...")
-        bandwidth = Bandwidth.from_dict(meter.call(
-            "bandwidth", threads=threads, repetitions=max(settings.repetitions, 3), size_bytes=settings.bandwidth_bytes,
-            probe_bytes=sorted({model.bytes_per_token for model in models})))
-        meter.close()
+def _measure(device, environment, models: list[BenchModel], settings: BenchSettings, workload: Workload, *,
+             say: Callable[[str], None]):
+    """Bandwidth, then every model prepared on the runner's device: load, warm-up and timed rounds (ABBA),
+    peak RSS."""
+    say(f"measuring memory bandwidth with {environment.threads} thread(s) ...")
+    bandwidth = device.measure_bandwidth(environment, repetitions=max(settings.repetitions, 3),
+                                         size_bytes=settings.bandwidth_bytes,
+                                         probe_bytes=tuple(sorted({model.bytes_per_token for model in models})))
+    with ExitStack() as stack:
+        prepared = [stack.enter_context(device.prepare(model, environment)) for model in models]
         loads = []
-        for worker, model in zip(workers, models):
-            say(f"loading {model.path} ({model.backend}) in its own process ...")
-            loads.append(worker.call("load", path=str(model.path), format=model.format,
-                                     max_seq_len=model.max_seq_len, threads=threads))
+        for handle, model in zip(prepared, models):
+            say(f"loading {model.path} ({model.backend}) on the {device.name} runner ...")
+            loads.append(handle.load())
         runs = [[] for _ in models]
         for round_index in range(settings.warmup + settings.repetitions):
             timed = round_index >= settings.warmup
@@ -263,15 +260,14 @@ def _measure(models: list[ModelInfo], settings: BenchSettings, *, threads: int, 
                 f"/{settings.repetitions if timed else settings.warmup} ...")
             order = range(len(models)) if round_index % 2 == 0 else reversed(range(len(models)))
             for index in order:
-                result = workers[index].call("run", prompts=prompts, decode_context=context,
-                                             decode_tokens=settings.decode_tokens)
+                samples = prepared[index].run(workload)
                 if timed:
-                    runs[index].append(result)
-        peaks = [worker.call("finish")["peak_rss_bytes"] for worker in workers]
+                    runs[index].append(samples)
+        peaks = [handle.finish() for handle in prepared]
     return bandwidth, loads, runs, peaks
 
 
-def _check_lengths(settings: BenchSettings, models: list[ModelInfo]) -> None:
+def _check_lengths(settings: BenchSettings, models: list[BenchModel]) -> None:
     for model in models:
         longest = max(max(settings.prompt_lengths), min(settings.prompt_lengths) + settings.decode_tokens)
         if longest > model.max_seq_len:
@@ -280,23 +276,23 @@ def _check_lengths(settings: BenchSettings, models: list[ModelInfo]) -> None:
                               "--decode-tokens")
 
 
-def _model_result(role: str, model: ModelInfo, load: dict, peak_rss: int, runs: list[dict], settings: BenchSettings,
-                  bandwidth: Bandwidth) -> ModelResult:
+def _model_result(role: str, model: BenchModel, load: LoadFacts, peak_rss: int, runs: list[Samples],
+                  settings: BenchSettings, bandwidth: Bandwidth) -> ModelResult:
     tests = []
     for index, length in enumerate(settings.prompt_lengths):
-        seconds = [run["prefill_s"][index] for run in runs]
+        seconds = [run.prefill_s[index] for run in runs]
         tests.append(_test(f"pp{length}", length, 0, seconds, ttft=True))
     depth = min(settings.prompt_lengths)
-    tests.append(_test(f"tg{settings.decode_tokens}", settings.decode_tokens, depth, [r["decode_s"] for r in runs]))
+    tests.append(_test(f"tg{settings.decode_tokens}", settings.decode_tokens, depth, [run.decode_s for run in runs]))
     ceiling = bandwidth_ceiling(bytes_per_token=model.bytes_per_token, bandwidth_gb_s=bandwidth.ceiling_gb_s,
                                 decode_tok_s=tests[-1].tok_s.median,
                                 at_size_gb_s=bandwidth.probe_gb_s(model.bytes_per_token))
     return ModelResult(role=role, label=model.label, path=str(model.path), format=model.format, backend=model.backend,
                        scheme=model.scheme, size_bytes=model.size_bytes, parameters=model.parameters,
-                       max_seq_len=model.max_seq_len, import_s=load["import_s"], load_s=load["load_s"],
-                       rss_after_import_bytes=load["rss_after_import_bytes"],
-                       rss_after_load_bytes=load["rss_after_load_bytes"], peak_rss_bytes=peak_rss,
-                       threads_note=load["threads_note"], tests=tests, ceiling=ceiling, bytes_basis=model.bytes_basis)
+                       max_seq_len=model.max_seq_len, import_s=load.import_s, load_s=load.load_s,
+                       rss_after_import_bytes=load.rss_after_import_bytes,
+                       rss_after_load_bytes=load.rss_after_load_bytes, peak_rss_bytes=peak_rss,
+                       threads_note=load.threads_note, tests=tests, ceiling=ceiling, bytes_basis=model.bytes_basis)
 
 
 def _test(name: str, tokens: int, depth: int, seconds: list[float], *, ttft: bool = False) -> TestResult:

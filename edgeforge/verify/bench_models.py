@@ -1,6 +1,7 @@
-"""What bench measures, described from manifests and headers without loading any weights: an exported
-artifact, an edgeforge quantized checkpoint (run eager) or an fp32 checkpoint (run eager); the fp32
-reference its manifests name; and the weight bytes one decode step reads.
+"""What bench measures, described from manifests and headers without loading any weights (through the one
+model opener, :mod:`edgeforge.verify.models`): an exported artifact, an edgeforge quantized checkpoint (run
+eager) or an fp32 checkpoint (run eager); the fp32 reference its manifests name; and the weight bytes one
+decode step reads.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def decode_bytes_per_token(config, layers: dict | None) -> int:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """A model to bench, described without loading it. format: "pte", "onnx" (artifacts, run in their
-    runtime), "edgeforge" (quantized checkpoint) or a checkpoint format (both run eager)."""
+class BenchModel:
+    """A model to bench, described without loading it (:func:`edgeforge.verify.models.describe_model`).
+    format: "pte", "onnx" (artifacts, run in their runtime) or "eager" (checkpoints, run in torch);
+    max_seq_len: the KV-cache length it runs with."""
 
     path: Path
     label: str
@@ -56,23 +58,16 @@ class ModelInfo:
     warnings: tuple[str, ...] = ()  # what its manifest says a reader of the numbers should know
 
 
-def describe_model(path: str | Path) -> ModelInfo:
+def describe_bench_model(path: str | Path) -> BenchModel:
     """Read manifests and headers only: an artifact, a quantized checkpoint or an fp32 checkpoint."""
-    from edgeforge.export.artifact import KIND as ARTIFACT_KIND
-    from edgeforge.fileio import read_json
     from edgeforge.models.llama import LlamaConfig
-    from edgeforge.quantize.checkpoint import KIND as QUANTIZED_KIND
+    from edgeforge.verify.models import describe_model
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError("no such file or directory", path=path)
-    manifest = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else {}
-    if manifest.get("architecture", "llama") != "llama":
-        raise UnsupportedError(f"bench measures decoders; this is a {manifest['architecture']} model", path=path)
-    if manifest.get("kind") == ARTIFACT_KIND:
-        from edgeforge.export import open_artifact
-
-        manifest = open_artifact(path).manifest
+    model = describe_model(path)
+    if model.architecture != "llama":
+        raise UnsupportedError(f"bench measures decoders; this is a {model.architecture} model", path=model.path)
+    path, manifest = model.path, model.manifest
+    if model.kind == "artifact":
         config, report = LlamaConfig.from_dict(manifest["config"]), manifest["report"]
         source = Path(manifest["source"]["path"])
         layers, basis = _source_layers(source, manifest["scheme"])
@@ -84,41 +79,32 @@ def describe_model(path: str | Path) -> ModelInfo:
         warnings = ((f"{path}: its export guard did not run (logits never checked against eager)",)
                     if manifest.get("guard") is None else ())
         warnings += (f"{path}: {report['size_warning']}",) if "size_warning" in report else ()
-        return ModelInfo(path=path, label=f"{path.name} {manifest['scheme']}", format=manifest["format"],
-                         backend=f"{manifest['format']} {manifest['target']['backend']}", scheme=manifest["scheme"],
-                         config=config, size_bytes=report["size_bytes"], parameters=report["parameters"],
-                         max_seq_len=manifest["max_seq_len"], bytes_per_token=per_token, bytes_basis=basis,
-                         source=source, warnings=warnings)
-    if manifest.get("kind") == QUANTIZED_KIND:
-        from edgeforge.export.targets import scheme_name
-        from edgeforge.quantize import read_manifest, weight_files
+        return BenchModel(path=path, label=f"{path.name} {model.scheme}", format=model.format,
+                          backend=f"{model.format} {manifest['target']['backend']}", scheme=model.scheme,
+                          config=config, size_bytes=report["size_bytes"], parameters=report["parameters"],
+                          max_seq_len=model.max_seq_len, bytes_per_token=per_token, bytes_basis=basis,
+                          source=source, warnings=warnings)
+    if model.kind == "quantized":
+        from edgeforge.quantize import weight_files
 
-        manifest = read_manifest(path)
-        config = LlamaConfig.from_dict(manifest["config"])
-        return _eager_info(path, config, scheme_name(manifest), format="edgeforge", layers=manifest["layers"],
-                           size_bytes=sum(f.stat().st_size for f in weight_files(path)),
-                           source=Path(manifest["source"]["path"]))
-    from edgeforge.checkpoints import open_checkpoint
-
-    checkpoint = open_checkpoint(path)
-    if checkpoint.architecture != "llama":
-        raise UnsupportedError(f"bench measures decoders; this is a {checkpoint.architecture} model", path=path)
-    return _eager_info(checkpoint.path, checkpoint.config, "fp32", format=checkpoint.format, layers=None,
-                       size_bytes=checkpoint.size_bytes, source=None)
+        return _eager_model(model, LlamaConfig.from_dict(manifest["config"]), layers=manifest["layers"],
+                            size_bytes=sum(f.stat().st_size for f in weight_files(path)),
+                            source=Path(manifest["source"]["path"]))
+    return _eager_model(model, model.checkpoint.config, layers=None, size_bytes=model.checkpoint.size_bytes,
+                        source=None)
 
 
-def _eager_info(path: Path, config, scheme: str, *, format: str, layers: dict | None, size_bytes: int,
-                source: Path | None) -> ModelInfo:
+def _eager_model(model, config, *, layers: dict | None, size_bytes: int, source: Path | None) -> BenchModel:
     from edgeforge.checkpoints import expected_shapes
 
-    return ModelInfo(path=path, label=f"{path.name} {scheme}", format=format, backend="torch eager", scheme=scheme,
-                     config=config, size_bytes=size_bytes,
-                     parameters=sum(prod(s) for s in expected_shapes("llama", config).values()),
-                     max_seq_len=min(config.max_seq_len, EXPORT_DEFAULT_MAX_SEQ_LEN),
-                     bytes_per_token=decode_bytes_per_token(config, layers),
-                     bytes_basis="scheme-implied: int weights at their bit width + fp32 scales + fp32 rest (the "
-                     "eager emulation moves more: it dequantizes each weight to fp32 on every call)"
-                     if layers else "fp32 parameters", source=source)
+    return BenchModel(path=model.path, label=f"{model.path.name} {model.scheme}", format=model.format,
+                      backend="torch eager", scheme=model.scheme, config=config, size_bytes=size_bytes,
+                      parameters=sum(prod(s) for s in expected_shapes("llama", config).values()),
+                      max_seq_len=min(config.max_seq_len, EXPORT_DEFAULT_MAX_SEQ_LEN),
+                      bytes_per_token=decode_bytes_per_token(config, layers),
+                      bytes_basis="scheme-implied: int weights at their bit width + fp32 scales + fp32 rest (the "
+                      "eager emulation moves more: it dequantizes each weight to fp32 on every call)"
+                      if layers else "fp32 parameters", source=source)
 
 
 def _source_layers(source: Path, scheme: str) -> tuple[dict | None, str]:
@@ -133,7 +119,7 @@ def _source_layers(source: Path, scheme: str) -> tuple[dict | None, str]:
         return None, ""
 
 
-def default_reference(model: ModelInfo) -> Path | None:
+def default_reference(model: BenchModel) -> Path | None:
     """The fp32 checkpoint ``model`` comes from (through an artifact's source quantized checkpoint);
     None when ``model`` is itself an fp32 eager checkpoint."""
     if model.source is None:

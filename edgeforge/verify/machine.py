@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from edgeforge import __version__
 from edgeforge.errors import ConfigError
+from edgeforge.provenance import git_commit, package_versions
 
 CPU_SYSFS = Path("/sys/devices/system/cpu/cpu0")
 CACHE_MULTIPLE = 4  # the bandwidth working set is at least this many times the last-level cache
@@ -73,7 +72,7 @@ def describe_machine(*, threads: int) -> Machine:
         llc_bytes=last_level_cache_bytes(), memory_total_bytes=_meminfo_bytes("MemTotal"),
         load_average_1m=os.getloadavg()[0],
         os=platform.platform(terse=True), kernel=platform.release(), python=platform.python_version(),
-        edgeforge=__version__, git_commit=_git_commit(), versions={name: _version(name) for name in VERSIONED_PACKAGES},
+        edgeforge=__version__, git_commit=git_commit(), versions=package_versions(*VERSIONED_PACKAGES),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
 
 
@@ -290,18 +289,3 @@ def _meminfo_bytes(field: str) -> int | None:
     return None
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    """The commit of the edgeforge checkout (None for an installed wheel or without git)."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None

@@ -1,63 +1,41 @@
-"""The model under test, whatever form it ships in, behind one interface: :func:`open_for_eval`.
+"""The model under test, whatever form it ships in, opened one way for verify and bench.
 
-    path                                  kind        runs in
-    exported artifact (edgeforge.json,    artifact    its runtime: ExecuTorch (.pte) or onnxruntime (ONNX),
-      kind edgeforge.artifact)                        through ``Artifact.open()``
-    edgeforge quantized checkpoint        quantized   eager torch, with QuantizedLinear modules
-    any checkpoint edgeforge loads        checkpoint  eager torch, fp32
+    path                                  kind        format   runs in
+    exported artifact (edgeforge.json,    artifact    pte      ExecuTorch, through ``Artifact.open()``
+      kind edgeforge.artifact)                        onnx     onnxruntime, through ``Artifact.open()``
+    edgeforge quantized checkpoint        quantized   eager    torch, with QuantizedLinear modules
+    any checkpoint edgeforge loads        checkpoint  eager    torch, fp32
 
-Decoders answer ``forward(tokens [1, S], input_pos [S]) -> logits [1, S, vocab]``; encoders answer
-``embed(input_ids, attention_mask, token_type_ids) -> [B, dim]``. :class:`Lineage` collects what
-the model's manifests say about where it came from: the recipe and its gates, the calibration
-fingerprints (for the overlap check) and the fp32 checkpoint it was quantized from.
+``kind`` says what the path holds, ``format`` how it runs: its runtime's artifact format, or ``eager``.
+:func:`describe_model` reads manifests and headers only (no weights); :func:`open_session` loads the
+model behind the session protocol the exported artifacts' sessions implement (:class:`EagerSession` for
+eager models): decoders answer ``forward(tokens [1, S], input_pos [S]) -> logits [1, S, vocab]``,
+encoders ``embed(input_ids, attention_mask, token_type_ids) -> [B, dim]``. :func:`open_for_eval` is
+both, plus the content hash and :class:`~edgeforge.verify.lineage.Lineage` verify needs.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from edgeforge.errors import InputError
-from edgeforge.fileio import read_json
+from edgeforge.fileio import content_sha256, read_json
+from edgeforge.verify.lineage import MANIFEST, Lineage, artifact_lineage, quantized_lineage
 
-MANIFEST = "edgeforge.json"
-CALIBRATION_FILE = "calibration.json"
+EAGER = "eager"  # the format of a model run by torch itself
 
 
 @dataclass(frozen=True)
-class Lineage:
-    """What the model's manifests record about its making (None where they do not say).
+class ModelInfo:
+    """A model described from its manifests and headers, without loading its weights.
 
-    gates: verify thresholds of its recipe (``max_kld``, ``min_top1``, ...); gates_source: where they came from.
-    calibration_sha256: SHA-256 of the calibration text; calibration_fingerprints: per-document
-    fingerprints (``edgeforge.quantize.calibration.document_fingerprint``), None when not found.
-    source_sha256: content hash of the full-precision checkpoint it was made from.
-    eager_source: the quantized checkpoint an artifact was exported from, when its manifest is still there;
-    eager_source_sha256: that checkpoint's content hash as the artifact recorded it at export;
-    eager_numerics: the activation numerics of the artifact's target, which the eager source computes with.
-    notes: what could not be found, printed with the report.
+    manifest: the artifact's or quantized checkpoint's ``edgeforge.json`` (None for a plain checkpoint);
+    checkpoint: the opened (lazy) checkpoint of kind ``checkpoint``, else None.
+    max_seq_len: positions an artifact's graph holds; an eager model's context.
     """
-
-    recipe: str | None = None
-    gates: dict = field(default_factory=dict)
-    gates_source: str | None = None
-    calibrated: bool = False
-    calibration_sha256: str | None = None
-    calibration_fingerprints: frozenset[str] | None = None
-    fingerprints_source: str | None = None
-    source_sha256: str | None = None
-    eager_source: Path | None = None
-    eager_source_sha256: str | None = None
-    eager_numerics: str | None = None
-    notes: tuple[str, ...] = ()
-
-
-@dataclass
-class EvalModel:
-    """A model opened for evaluation. ``runtime`` is an artifact Session or an eager ``nn.Module``."""
 
     path: Path
     kind: str  # "artifact" | "quantized" | "checkpoint"
@@ -65,41 +43,143 @@ class EvalModel:
     architecture: str  # "llama" | "bert"
     scheme: str  # "fp32", "8da4w", ...
     max_seq_len: int
+    manifest: dict | None
+    checkpoint: object | None = None
+
+
+def describe_model(path: str | Path) -> ModelInfo:
+    """An artifact, a quantized checkpoint or a plain checkpoint, told apart by its manifest's kind."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or directory", path=path)
+    kind = read_json(path / MANIFEST).get("kind") if (path / MANIFEST).is_file() else None
+    if kind == "edgeforge.artifact":
+        from edgeforge.export import open_artifact
+
+        manifest = open_artifact(path).manifest
+        return ModelInfo(path=path, kind="artifact", format=manifest["format"], architecture=manifest["architecture"],
+                         scheme=manifest["scheme"], max_seq_len=int(manifest["max_seq_len"]), manifest=manifest)
+    if kind == "edgeforge.quantized_checkpoint":
+        from edgeforge.export.targets import scheme_name
+        from edgeforge.quantize import read_manifest
+        from edgeforge.quantize.checkpoint import manifest_config
+
+        manifest = read_manifest(path)
+        return ModelInfo(path=path, kind="quantized", format=EAGER, architecture=manifest["architecture"],
+                         scheme=scheme_name(manifest), max_seq_len=manifest_config(manifest).max_seq_len,
+                         manifest=manifest)
+    from edgeforge.checkpoints import open_checkpoint
+
+    checkpoint = open_checkpoint(path)
+    return ModelInfo(path=checkpoint.path, kind="checkpoint", format=EAGER, architecture=checkpoint.architecture,
+                     scheme="fp32", max_seq_len=checkpoint.config.max_seq_len, manifest=None, checkpoint=checkpoint)
+
+
+class EagerSession:
+    """An eager model (fp32 or edgeforge-quantized) behind the artifact session protocol.
+
+    ``forward`` runs through the model's static KV cache, allocated for ``max_seq_len`` positions on first
+    use (or at once with ``allocate_cache()``); ``window_logits`` takes a batch of windows through plain
+    causal attention, the computation of a prefill into an empty cache.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, max_seq_len: int):
+        self.model, self.max_seq_len = model, max_seq_len
+
+    def allocate_cache(self) -> None:
+        if self.model.cache_len != self.max_seq_len:
+            self.model.setup_cache(1, self.max_seq_len)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        self.allocate_cache()
+        with torch.inference_mode():
+            return self.model(tokens, input_pos)
+
+    def window_logits(self, windows: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(windows)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(input_ids, attention_mask, token_type_ids)
+
+
+def prepare_runtime(format: str, *, threads: int) -> str:
+    """Import what opening a model of ``format`` needs (an artifact's runtime, from its exporter) and size that
+    runtime's threads; return how its threads were set ("" for eager models: torch's setting applies)."""
+    if format != EAGER:
+        from edgeforge.export.artifact import exporter_for
+
+        return exporter_for(format).prepare_runtime(threads)
+    import edgeforge.quantize  # noqa: F401  (what opening a quantized checkpoint imports, timed apart from loading)
+    return ""
+
+
+def open_session(model: ModelInfo, *, max_seq_len: int | None = None):
+    """Load ``model`` in its runtime (artifacts) or in torch (an :class:`EagerSession`).
+
+    max_seq_len: an eager model's KV-cache length, allocated now (bench times it as part of loading);
+    None: the model's context, allocated on the first ``forward``. Artifacts hold the length they were
+    exported with.
+    """
+    if model.kind == "artifact":
+        from edgeforge.export import open_artifact
+
+        return open_artifact(model.path).open()
+    if model.kind == "quantized":
+        from edgeforge.quantize import load_quantized_model
+
+        session = EagerSession(load_quantized_model(model.path), max_seq_len=max_seq_len or model.max_seq_len)
+    else:
+        from edgeforge.checkpoints import load_model
+
+        session = EagerSession(load_model(model.checkpoint), max_seq_len=max_seq_len or model.max_seq_len)
+    if max_seq_len is not None:
+        session.allocate_cache()
+    return session
+
+
+@dataclass
+class EvalModel:
+    """A model opened for evaluation: its description, its session, content hash and lineage."""
+
+    info: ModelInfo
     sha256: str
     lineage: Lineage
-    runtime: object
+    session: object
+
+    path = property(lambda self: self.info.path)
+    kind = property(lambda self: self.info.kind)
+    format = property(lambda self: self.info.format)
+    architecture = property(lambda self: self.info.architecture)
+    scheme = property(lambda self: self.info.scheme)
+    max_seq_len = property(lambda self: self.info.max_seq_len)
 
     @property
     def eager(self) -> bool:
-        return self.format == "eager"
+        return self.format == EAGER
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Decoder logits [1, S, vocab] for ``tokens`` [1, S] at positions ``input_pos`` [S] (KV cache kept)."""
-        if self.eager:
-            if self.runtime.cache_len != self.max_seq_len:
-                self.runtime.setup_cache(1, self.max_seq_len)
-            return self.runtime(tokens, input_pos)
-        return self.runtime.forward(tokens, input_pos)
+        return self.session.forward(tokens, input_pos)
 
     def window_logits(self, windows: torch.Tensor) -> torch.Tensor:
         """Logits [B, L, vocab] of windows [B, L], each fed as one prefill from position 0.
 
-        Eager models take the whole batch through plain causal attention (the same computation as a
-        prefill into an empty cache); a runtime session takes one window per call.
+        Eager models take the whole batch at once; a runtime session takes one window per call.
         """
+        if self.eager:
+            return self.session.window_logits(windows)
+        positions = torch.arange(windows.shape[1])
         with torch.inference_mode():
-            if self.eager:
-                return self.runtime(windows)
-            positions = torch.arange(windows.shape[1])
-            return torch.cat([self.runtime.forward(row[None], positions) for row in windows])
+            return torch.cat([self.session.forward(row[None], positions) for row in windows])
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings [B, dim] of an encoder."""
         with torch.inference_mode():
-            if self.eager:
-                return self.runtime(input_ids, attention_mask, token_type_ids)
-            return self.runtime.embed(input_ids, attention_mask, token_type_ids)
+            return self.session.embed(input_ids, attention_mask, token_type_ids)
 
     def describe(self) -> dict:
         return {"path": str(Path(self.path).resolve()), "sha256": self.sha256, "kind": self.kind, "format": self.format,
@@ -107,149 +187,13 @@ class EvalModel:
                 "max_seq_len": self.max_seq_len}
 
 
-def files_sha256(files) -> str:
-    """SHA-256 over files (names and bytes, sorted by path): the digest ``Checkpoint.content_hash`` and
-    the export manifest use, so hashes recorded there can be compared with ours."""
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _dir_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
 def open_for_eval(path: str | Path) -> EvalModel:
     """Open an artifact, a quantized checkpoint or a plain checkpoint for evaluation (kind from its manifest)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("no such file or directory", path=path)
-    kind = read_json(path / MANIFEST).get("kind") if (path / MANIFEST).is_file() else None
-    if kind == "edgeforge.artifact":
-        return _open_artifact(path)
-    if kind == "edgeforge.quantized_checkpoint":
-        return _open_quantized(path)
-    return _open_checkpoint(path)
-
-
-def _open_artifact(path: Path) -> EvalModel:
-    from edgeforge.export.artifact import open_artifact
-
-    artifact = open_artifact(path)
-    manifest = artifact.manifest
-    return EvalModel(path=path, kind="artifact", format=artifact.format, architecture=manifest["architecture"],
-                     scheme=manifest["scheme"], max_seq_len=int(manifest["max_seq_len"]),
-                     sha256=files_sha256(_dir_files(path)), lineage=artifact_lineage(path, manifest),
-                     runtime=artifact.open())
-
-
-def _open_quantized(path: Path) -> EvalModel:
-    from edgeforge.export.targets import scheme_name
-    from edgeforge.quantize import load_quantized_model, read_manifest
-
-    manifest = read_manifest(path)
-    model = load_quantized_model(path)
-    return EvalModel(path=path, kind="quantized", format="eager", architecture=manifest["architecture"],
-                     scheme=scheme_name(manifest), max_seq_len=model.config.max_seq_len,
-                     sha256=files_sha256(_dir_files(path)), lineage=quantized_lineage(path, manifest),
-                     runtime=model)
-
-
-def _open_checkpoint(path: Path) -> EvalModel:
-    from edgeforge.checkpoints import load_model, open_checkpoint
-
-    checkpoint = open_checkpoint(path)
-    sha256 = checkpoint.content_hash()
-    return EvalModel(path=checkpoint.path, kind="checkpoint", format="eager", architecture=checkpoint.architecture,
-                     scheme="fp32", max_seq_len=checkpoint.config.max_seq_len, sha256=sha256,
-                     lineage=Lineage(source_sha256=sha256), runtime=load_model(checkpoint))
-
-
-def quantized_lineage(path: Path, manifest: dict) -> Lineage:
-    """Lineage of a quantized checkpoint directory from its manifest and calibration.json."""
-    recipe = manifest["recipe"]
-    calibration = manifest.get("calibration")
-    fingerprints, source, notes = None, None, ()
-    if calibration is not None:
-        fingerprints = _read_fingerprints(path / CALIBRATION_FILE)
-        source = str(path / CALIBRATION_FILE) if fingerprints is not None else None
-        if fingerprints is None:
-            notes = (f"{path / CALIBRATION_FILE} is missing: the overlap check compares whole-file hashes only",)
-    return Lineage(recipe=recipe["name"], gates=dict(recipe.get("gates") or {}),
-                   gates_source=f"recipe {recipe['name']} in {path / MANIFEST}",
-                   calibrated=calibration is not None,
-                   calibration_sha256=calibration["sha256"] if calibration else None,
-                   calibration_fingerprints=fingerprints, fingerprints_source=source,
-                   source_sha256=manifest["source"].get("sha256"), notes=notes)
-
-
-def artifact_lineage(path: Path, manifest: dict) -> Lineage:
-    """Lineage of an artifact: its own manifest, then the quantized checkpoint it was exported from.
-
-    Calibration fingerprints are read from ``calibration.json`` in the artifact directory when the
-    exporter copied it there, else from the source quantized checkpoint (``source.path``) when that
-    directory still exists and its calibration hash is the one the artifact records. Gates come from
-    ``source.gates`` when the artifact carries them, else from the source checkpoint's recipe, else
-    from the bundled recipe of the recorded name.
-    """
-    source = manifest.get("source") or {}
-    recipe, calibration = source.get("recipe"), source.get("calibration")
-    source_dir = Path(source["path"]) if source.get("path") else None
-    source_manifest = None
-    if recipe is not None and source_dir is not None and (source_dir / MANIFEST).is_file():
-        candidate = read_json(source_dir / MANIFEST)
-        if candidate.get("calibration") == calibration and candidate.get("recipe", {}).get("name") == recipe:
-            source_manifest = candidate
-    notes: list[str] = []
-    gates, gates_source = _artifact_gates(source, source_dir, source_manifest, notes)
-    fingerprints, fingerprints_source = None, None
-    if calibration is not None:
-        for candidate in (path / CALIBRATION_FILE, source_dir / CALIBRATION_FILE if source_manifest else None):
-            if candidate is not None and (fingerprints := _read_fingerprints(candidate)) is not None:
-                fingerprints_source = str(candidate)
-                break
-        else:
-            notes.append(f"calibration fingerprints not found (no {CALIBRATION_FILE} in the artifact, and the source "
-                         f"checkpoint {source_dir} is gone or changed): the overlap check compares whole-file "
-                         "hashes only")
-    if recipe is None:  # exported straight from a full-precision checkpoint
-        source_sha256 = source.get("sha256")
+    info = describe_model(path)
+    if info.kind == "checkpoint":
+        sha256 = info.checkpoint.content_hash()
+        lineage = Lineage(source_sha256=sha256)
     else:
-        source_sha256 = source_manifest["source"].get("sha256") if source_manifest else None
-    return Lineage(recipe=recipe, gates=gates, gates_source=gates_source, calibrated=calibration is not None,
-                   calibration_sha256=calibration["sha256"] if calibration else None,
-                   calibration_fingerprints=fingerprints, fingerprints_source=fingerprints_source,
-                   source_sha256=source_sha256, eager_source=source_dir if source_manifest else None,
-                   eager_source_sha256=source.get("sha256") if source_manifest else None,
-                   eager_numerics=(manifest.get("target") or {}).get("activation_numerics"), notes=tuple(notes))
-
-
-def _artifact_gates(source: dict, source_dir: Path | None, source_manifest: dict | None,
-                    notes: list[str]) -> tuple[dict, str | None]:
-    recipe = source.get("recipe")
-    if source.get("gates") is not None:
-        return dict(source["gates"]), f"recipe {recipe} (artifact manifest)"
-    if source_manifest is not None:
-        return dict(source_manifest["recipe"].get("gates") or {}), f"recipe {recipe} in {source_dir / MANIFEST}"
-    if recipe is None:
-        return {}, None
-    from edgeforge.quantize.recipe import list_recipes, load_recipe
-
-    if recipe in list_recipes():
-        return dict(load_recipe(recipe).gates), f"bundled recipe {recipe}"
-    notes.append(f"recipe {recipe!r} is not bundled and its checkpoint {source_dir} is gone: no default gates")
-    return {}, None
-
-
-def _read_fingerprints(file: Path) -> frozenset[str] | None:
-    if not file.is_file():
-        return None
-    record = read_json(file)
-    fingerprints = record.get("document_fingerprints")
-    if not isinstance(fingerprints, list):
-        raise InputError("no 'document_fingerprints' list", path=file)
-    return frozenset(fingerprints)
+        sha256 = content_sha256(info.path)
+        lineage = (artifact_lineage if info.kind == "artifact" else quantized_lineage)(info.path, info.manifest)
+    return EvalModel(info=info, sha256=sha256, lineage=lineage, session=open_session(info))

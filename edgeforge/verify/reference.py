@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from edgeforge import __version__
 from edgeforge.errors import InputError
+from edgeforge.fileio import atomic_file
 from edgeforge.verify.drift import TokenStats
 
 CACHE_VERSION = 1
@@ -126,18 +126,10 @@ def _load(path: Path, key: CacheKey, say: Callable[[str], None]) -> dict[str, to
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, key: CacheKey) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"kind": "edgeforge.reference_cache", "cache_version": str(CACHE_VERSION), "edgeforge": __version__,
                 "key": json.dumps(asdict(key), sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def decoder_reference(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, *, top_k: int,

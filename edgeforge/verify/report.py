@@ -65,7 +65,7 @@ class GateResult:
     op: str  # "<=" (a max gate) or ">=" (a min gate)
     threshold: float
     value: float
-    source: str  # "option" | "recipe" | "eager" (derived from the eager source's result: verify.eager_kld_bound)
+    source: str  # "option" | "recipe" | "eager" (derived from the eager source's result: decoder.eager_kld_bound)
     basis: str | None = None  # how a derived threshold was computed
 
     @property

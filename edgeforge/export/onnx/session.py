@@ -124,3 +124,11 @@ class OnnxEncoderSession:
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         raise UnsupportedError("an encoder artifact has no forward(tokens, input_pos); use embed(...)")
+
+
+def check_provider(backend: str) -> str:
+    """Which execution provider the guard (and verify/bench here) runs the artifact on, said plainly."""
+    provider = provider_for(backend)
+    wanted = PROVIDERS.get(backend, provider)
+    return provider if provider == wanted else (f"{provider} (this onnxruntime has no {wanted}; "
+                                                "Q/DQ run as the ONNX spec defines them, not fused)")

@@ -1,11 +1,8 @@
-"""onnxruntime-genai's side of a decoder artifact: ``genai_config.json`` and a Hugging Face ``tokenizer.json``.
-
-genai reads the decoder's input/output names and shapes from the "decoder" section of genai_config.json
-(what onnxruntime-genai's own model builder writes for a CPU model: past and present as separate
-buffers, ``past_present_share_buffer: false``). Its tokenizer reads ``tokenizer.json``; checkpoints that
-carry a SentencePiece ``.model`` (llama2.c, Meta) or a scored vocabulary (llama2.c ``tok*.bin``) get one
-converted here: a byte-fallback BPE whose merges are ranked by the SentencePiece score of the merged
-piece, which is how SentencePiece's BPE encoder picks merges.
+"""A Hugging Face ``tokenizer.json`` for a tokenizer that is not one already, for the runtimes that read only
+that file (onnxruntime-genai). Checkpoints that carry a SentencePiece ``.model`` (llama2.c, Meta) or a scored
+vocabulary (llama2.c ``tok*.bin``, GGUF "llama") get a byte-fallback BPE whose merges are ranked by the
+SentencePiece score of the merged piece, which is how SentencePiece's BPE encoder picks merges; tokenizers
+built in memory (tiktoken ranks, GGUF byte-level vocabularies) are saved as they are.
 """
 
 from __future__ import annotations
@@ -14,49 +11,9 @@ import json
 from pathlib import Path
 
 from edgeforge.checkpoints.tokenizers import HFTokenizer
-from edgeforge.export.onnx_llama import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 SPIECE_SPACE = "\u2581"
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6  # SentencePiece piece types
-
-
-def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | None, eos_id: int | list[int] | None,
-                 pad_id: int | None, share_buffer: bool = False) -> dict:
-    """The genai_config.json of a decoder artifact (greedy search by default; ``eos_id`` may list several;
-    ``share_buffer``: past and present key/values are one max-length buffer updated in place)."""
-    genai = {
-        "model": {
-            "bos_token_id": bos_id,
-            "context_length": max_seq_len,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": model_file,
-                "head_size": config.head_dim,
-                "hidden_size": config.dim,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": PAST_KEY.replace("{}", "%d"),
-                           "past_value_names": PAST_VALUE.replace("{}", "%d")},
-                "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY.replace("{}", "%d"),
-                            "present_value_names": PRESENT_VALUE.replace("{}", "%d")},
-                "num_attention_heads": config.n_heads,
-                "num_hidden_layers": config.n_layers,
-                "num_key_value_heads": config.n_kv_heads,
-            },
-            "eos_token_id": eos_id,
-            "pad_token_id": pad_id if pad_id is not None else (eos_id if isinstance(eos_id, int) else
-                                                                 eos_id[0] if eos_id else 0),
-            "type": "llama",
-            "vocab_size": config.vocab_size,
-        },
-        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
-    }
-    for key in ("bos_token_id", "eos_token_id"):  # genai refuses null ids: without a tokenizer, leave them out
-        if genai["model"][key] is None:
-            del genai["model"][key]
-    return genai
 
 
 def write_tokenizer_json(tokenizer, out_dir: Path) -> str | None:

@@ -1,0 +1,108 @@
+"""Model families as registered objects: what the quantizer (and later export and verify) needs of one.
+
+An architecture (``edgeforge.architectures`` entry points: ``llama`` decoder, ``bert`` encoder) supplies
+
+- ``model_class`` (its ``config_class``), and ``quantized_config(config)``: the config a quantized copy records;
+- the layer plan: ``embedding`` (the token embedding's layer name), ``layer_widths(config)`` (every linear the
+  quantizer may round, full name -> input width, in execution order);
+- ``forward_inputs(tokens)``: the model's forward arguments for a batch of token windows (calibration and
+  drift windows alike);
+- ``walk(checkpoint, seq_len)``: a :class:`Walk` over the model one :class:`Block` at a time, each with its
+  groups of linears that share an input (:class:`Group`), how scales fold into the op producing it, and the
+  forward of the block, so the quantizer never holds more than one block of weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from edgeforge.registry import Registry
+
+
+class Absorb(Enum):
+    """Where per-input-channel scales s of a group go (``W x = (W · diag(s)) (x / s)``)."""
+
+    NORM = "norm"  # the producer is a norm: its weight is divided by s
+    ROWS = "rows"  # the producer is a linear whose output rows are the input: they are divided by s
+    MULTIPLIER = "multiplier"  # nothing can absorb 1/s exactly: the linears keep it as an explicit multiply
+    NONE = "none"  # nothing exact to fold into (grouped-query attention's wv -> wo): no scales
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linears of a block (names inside it) reading the same input, and the op producing that input."""
+
+    linears: tuple[str, ...]
+    producer: str | None
+    absorb: Absorb
+
+
+@dataclass
+class Block:
+    """One step of the quantizer's walk: a module with its groups, in the order they compute.
+
+    ``prefix`` turns a name inside the block into the model's ("layers.3."); ``group_input(stage, x)`` is
+    the input of ``groups[stage]`` given the block's current weights; ``forward(x)`` the block's output
+    (None for the last block: nothing reads it). ``head``: the model's output head (AWQ scales it,
+    SmoothQuant does not)."""
+
+    label: str
+    prefix: str
+    module: nn.Module
+    groups: tuple[Group, ...]
+    group_input: Callable[[int, torch.Tensor], torch.Tensor]
+    forward: Callable[[torch.Tensor], torch.Tensor] | None
+    head: bool = False
+
+
+class Walk(Protocol):
+    """A checkpoint seen block by block for calibration windows of one length."""
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first block's input for a batch of token windows [batch, seq_len]."""
+
+    def prologue(self) -> dict[str, torch.Tensor]:
+        """Tensors before the first block other than the token embedding (position embeddings, norms)."""
+
+    def blocks(self) -> Iterator[Block]:
+        """The blocks in order, each loaded when reached."""
+
+
+class Architecture(Protocol):
+    name: str
+    embedding: str
+    model_class: type[nn.Module]
+
+    def quantized_config(self, config): ...
+
+    def layer_widths(self, config) -> dict[str, int]: ...
+
+    def forward_inputs(self, tokens: torch.Tensor) -> tuple: ...
+
+    def walk(self, checkpoint, seq_len: int) -> Walk: ...
+
+
+ARCHITECTURES: Registry[Architecture] = Registry("architectures", "architecture", make=lambda cls: cls())
+
+
+def load_block(block: nn.Module, tensors, prefix: str) -> nn.Module:
+    """``block`` (built on the meta device) with its weights read from a checkpoint's lazy ``tensors``."""
+    block.load_state_dict({name: tensors[prefix + name] for name in block.state_dict()}, assign=True)
+    return block.eval()
+
+
+def captured_input(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """The input ``module`` receives while ``run()`` runs (e.g. the attention context its output linear reads)."""
+    captured = []
+    handle = module.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured[0]

@@ -1,0 +1,98 @@
+"""The Llama decoder as an architecture: its layer plan and its block-by-block walk (see architecture.py).
+
+In a block the four groups of linears sharing an input are (qkv, wo, gate/up, down); their inputs come from
+``attention_norm``, the attention context (wv's rows, when no grouped-query attention shares them), ``ffn_norm``
+and ``silu(w1 z) * (w3 z)`` (linear in w3's rows). After the blocks the final norm feeds the output head, a
+separate copy even when the source ties it to the embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeforge.models.architecture import Absorb, Block, Group, captured_input, load_block
+from edgeforge.models.llama import RMSNorm, Transformer, TransformerBlock, rope_tables
+
+HEAD = (Group(("output",), "norm", Absorb.NORM),)
+
+
+class LlamaDecoder:
+    name = "llama"
+    embedding = "tok_embeddings"
+    model_class = Transformer
+
+    def quantized_config(self, config):
+        """A quantized copy stores its own output head (never tied to the embedding)."""
+        return replace(config, tie_embeddings=False)
+
+    def groups(self, config) -> tuple[Group, ...]:
+        value_rows = Absorb.ROWS if config.n_heads == config.n_kv_heads else Absorb.NONE
+        return (Group(("attention.wq", "attention.wk", "attention.wv"), "attention_norm", Absorb.NORM),
+                Group(("attention.wo",), "attention.wv", value_rows),
+                Group(("feed_forward.w1", "feed_forward.w3"), "ffn_norm", Absorb.NORM),
+                Group(("feed_forward.w2",), "feed_forward.w3", Absorb.ROWS))
+
+    def layer_widths(self, config) -> dict[str, int]:
+        widths = {"attention.wq": config.dim, "attention.wk": config.dim, "attention.wv": config.dim,
+                  "attention.wo": config.n_heads * config.head_dim, "feed_forward.w1": config.dim,
+                  "feed_forward.w3": config.dim, "feed_forward.w2": config.hidden_dim}
+        layers = {f"layers.{index}.{short}": widths[short]
+                  for index in range(config.n_layers) for group in self.groups(config) for short in group.linears}
+        return {**layers, "output": config.dim}
+
+    def forward_inputs(self, tokens: torch.Tensor) -> tuple:
+        return (tokens,)
+
+    def walk(self, checkpoint, seq_len: int) -> _LlamaWalk:
+        return _LlamaWalk(self, checkpoint, seq_len)
+
+
+class _LlamaWalk:
+    def __init__(self, architecture: LlamaDecoder, checkpoint, seq_len: int):
+        self.architecture, self.checkpoint, self.config = architecture, checkpoint, checkpoint.config
+        self.cos, self.sin = rope_tables(self.config, seq_len)
+        self._embedding = None
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._embedding is None:  # 128k rows: stays in the stored dtype
+            self._embedding = self.checkpoint.tensors.stored("tok_embeddings.weight")
+        return F.embedding(tokens, self._embedding).float()
+
+    def prologue(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def blocks(self):
+        self._embedding = None
+        groups = self.architecture.groups(self.config)
+        for index in range(self.config.n_layers):
+            with torch.device("meta"):
+                block = TransformerBlock(self.config)
+            load_block(block, self.checkpoint.tensors, f"layers.{index}.")
+            yield Block(f"layers.{index}", f"layers.{index}.", block, groups,
+                        lambda stage, x, b=block: self._group_input(b, stage, x),
+                        lambda x, b=block: b(x, self.cos, self.sin))
+        yield self._head()
+
+    def _group_input(self, block: nn.Module, stage: int, x: torch.Tensor) -> torch.Tensor:
+        z = block.attention_norm(x)
+        if stage == 0:
+            return z
+        context = captured_input(block.attention.wo, lambda: block.attention(z, self.cos, self.sin))
+        if stage == 1:
+            return context
+        z = block.ffn_norm(x + block.attention.wo(context))
+        return z if stage == 2 else F.silu(block.feed_forward.w1(z)) * block.feed_forward.w3(z)
+
+    def _head(self) -> Block:
+        tensors = self.checkpoint.tensors
+        head = nn.Module()
+        head.norm = RMSNorm(self.config.dim, self.config.norm_eps)
+        head.norm.weight = nn.Parameter(tensors["norm.weight"], requires_grad=False)
+        head.output = nn.Linear(self.config.dim, self.config.vocab_size, bias=False)
+        name = "output.weight" if "output.weight" in tensors else "tok_embeddings.weight"
+        head.output.weight = nn.Parameter(tensors.stored(name), requires_grad=False)
+        return Block("head", "", head, HEAD, lambda stage, x: head.norm(x), None, head=True)

@@ -1,0 +1,235 @@
+"""Quantization algorithms: small frozen configs whose hooks the block-by-block driver calls.
+
+torchao's ``quantize_(model, config)`` shape: a recipe names an algorithm (``algorithm = "gptq"``), the
+registry makes its config from the recipe's settings tables, and the driver calls, for each group of
+linears that read one input:
+
+- ``observe()``: what calibration must measure beyond the probe rows and range every group collects
+  (:class:`Observation`: the Hessian E[x xᵀ]; the fp32 block's inputs, for algorithms that fold scales);
+- ``fold(weights, rows, scheme, runtime_inputs, head)``: per-input-channel scales s to fold into the op
+  producing the input (AWQ, SmoothQuant), or None;
+- ``round(rows, scheme, stats)``: a chunk of a linear's rows as integers + scales (RTN, MSE clipping, GPTQ).
+
+Built-ins register as an outside package would: entry points in ``edgeforge.algorithms``
+(pyproject.toml) naming a class, or a :class:`Composition` of two, with ``from_recipe(recipe)``.
+A new algorithm is a subclass of :class:`Algorithm` in any importable module plus that entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from edgeforge.quantize.awq import awq_search_scales
+from edgeforge.quantize.gptq import InverseHessian, gptq_quantize, prepare_hessian
+from edgeforge.quantize.rtn import mse_clip_search, rtn_quantize
+from edgeforge.quantize.scheme import QuantizedWeight, WeightScheme
+from edgeforge.quantize.smoothquant import smoothquant_scales
+from edgeforge.registry import Registry
+
+if TYPE_CHECKING:
+    from edgeforge.quantize.recipe import Recipe
+
+RuntimeInputs = Callable[[torch.Tensor], torch.Tensor] | None  # how the runtime rounds a linear's input
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What an algorithm needs from calibration: hessian, the mean of x xᵀ at each group's input; scales, the
+    fp32 block's inputs to choose per-channel scales from (its ``fold`` hook runs)."""
+
+    hessian: bool = False
+    scales: bool = False
+
+
+@dataclass
+class GroupStatistics:
+    """What calibration measured at one group's input; the inverse Hessian is prepared once per group."""
+
+    hessian: torch.Tensor | None = None
+    _inverses: dict = field(default_factory=dict)
+
+    def inverse_hessian(self, *, damp: float, act_order: bool) -> InverseHessian:
+        """GPTQ's damped, ordered inverse (the O(in³) part), shared by every linear and row chunk of the group."""
+        key = (damp, act_order)
+        if key not in self._inverses:
+            self._inverses[key] = prepare_hessian(self.hessian, damp=damp, act_order=act_order)
+        return self._inverses[key]
+
+
+class Algorithm:
+    """Base of a quantization algorithm config: round-to-nearest, no statistics, nothing folded."""
+
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool] = False
+    observation: ClassVar[Observation] = Observation()
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Algorithm:
+        """The config a recipe asks for (its settings tables)."""
+        return cls()
+
+    def observe(self) -> Observation:
+        """What the driver must measure at each group's input for this algorithm."""
+        return self.observation
+
+    def fold(self, weights: Sequence[torch.Tensor], rows: torch.Tensor, scheme: WeightScheme,
+             runtime_inputs: RuntimeInputs, *, head: bool) -> torch.Tensor | None:
+        """Per-input-channel scales [in] to fold between the producer and ``weights`` (None: nothing)."""
+        return None
+
+    def round(self, rows: torch.Tensor, scheme: WeightScheme, stats: GroupStatistics) -> QuantizedWeight:
+        """Quantize ``rows`` [chunk, in] (float32) of one linear; rows are independent of each other."""
+        return rtn_quantize(rows, scheme)
+
+
+@dataclass(frozen=True)
+class Rtn(Algorithm):
+    """Round to nearest on the min-max grid: data-free."""
+
+    name: ClassVar[str] = "rtn"
+
+
+@dataclass(frozen=True)
+class Mse(Algorithm):
+    """Round to nearest with int4 ranges clipped by an MSE grid search (weighted by the inputs' second
+    moment when calibration ran)."""
+
+    name: ClassVar[str] = "mse"
+    observation: ClassVar[Observation] = Observation(hessian=True)
+    grid: int = 20
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Mse:
+        return cls(grid=recipe.mse.grid)
+
+    def round(self, rows, scheme, stats):
+        return rtn_quantize(rows, scheme, clip_ratio=clip_ratio(rows, scheme, stats, grid=self.grid))
+
+
+def clip_ratio(rows: torch.Tensor, scheme: WeightScheme, stats: GroupStatistics, *, grid: int) -> torch.Tensor | None:
+    """Per-group MSE clip ratios for int4 weights (None for int8, which clipping does not help), weighted by
+    the inputs' second moment (the Hessian's diagonal) when calibration measured it."""
+    if scheme.bits != 4:
+        return None
+    moment = stats.hessian.diagonal().float() if stats.hessian is not None else None
+    return mse_clip_search(rows, scheme, input_second_moment=moment, grid=grid)
+
+
+@dataclass(frozen=True)
+class Gptq(Algorithm):
+    """GPTQ rounding against the group's Hessian, from MSE-clipped int4 ranges."""
+
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    observation: ClassVar[Observation] = Observation(hessian=True)
+    grid: int = 20
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Gptq:
+        settings = recipe.gptq
+        return cls(grid=recipe.mse.grid, damp=settings.damp, block_size=settings.block_size,
+                   act_order=settings.act_order)
+
+    def round(self, rows, scheme, stats):
+        clip = clip_ratio(rows, scheme, stats, grid=self.grid)
+        if stats.hessian is None:
+            return rtn_quantize(rows, scheme, clip_ratio=clip)
+        inverse = stats.inverse_hessian(damp=self.damp, act_order=self.act_order)
+        return gptq_quantize(rows, inverse, scheme, damp=self.damp, block_size=self.block_size,
+                             act_order=self.act_order, clip_ratio=clip)
+
+
+@dataclass(frozen=True)
+class Awq(Algorithm):
+    """AWQ: activation-aware scales searched per group (also the output head's), then MSE-clipped RTN."""
+
+    name: ClassVar[str] = "awq"
+    needs_calibration: ClassVar[bool] = True
+    observation: ClassVar[Observation] = Observation(hessian=True, scales=True)
+    grid: int = 20
+    awq_grid: int = 20
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Awq:
+        return cls(grid=recipe.mse.grid, awq_grid=recipe.awq.grid)
+
+    def fold(self, weights, rows, scheme, runtime_inputs, *, head):
+        return awq_search_scales(weights, rows, scheme, grid=self.awq_grid, quantize_inputs=runtime_inputs)
+
+    def round(self, rows, scheme, stats):
+        return rtn_quantize(rows, scheme, clip_ratio=clip_ratio(rows, scheme, stats, grid=self.grid))
+
+
+@dataclass(frozen=True)
+class SmoothQuant(Algorithm):
+    """SmoothQuant: activation outliers of a block's linears migrate into their weights (not the head's,
+    as in the paper), then RTN."""
+
+    name: ClassVar[str] = "smoothquant"
+    needs_calibration: ClassVar[bool] = True
+    observation: ClassVar[Observation] = Observation(scales=True)
+    alpha: float = 0.5
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> SmoothQuant:
+        return cls(alpha=recipe.smoothquant.alpha)
+
+    def fold(self, weights, rows, scheme, runtime_inputs, *, head):
+        return None if head else smoothquant_scales(rows.abs().amax(dim=0), weights, alpha=self.alpha)
+
+
+@dataclass(frozen=True)
+class Composed(Algorithm):
+    """One algorithm's scales (fold) with another's rounding, e.g. AWQ then GPTQ."""
+
+    label: str
+    folding: Algorithm
+    rounding: Algorithm
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.folding.needs_calibration or self.rounding.needs_calibration
+
+    def observe(self) -> Observation:
+        folding, rounding = self.folding.observe(), self.rounding.observe()
+        return Observation(hessian=folding.hessian or rounding.hessian, scales=folding.scales or rounding.scales)
+
+    def fold(self, weights, rows, scheme, runtime_inputs, *, head):
+        return self.folding.fold(weights, rows, scheme, runtime_inputs, head=head)
+
+    def round(self, rows, scheme, stats):
+        return self.rounding.round(rows, scheme, stats)
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A registry entry for a :class:`Composed` algorithm: which algorithm folds, which rounds."""
+
+    name: str
+    folding: type[Algorithm]
+    rounding: type[Algorithm]
+
+    def from_recipe(self, recipe: Recipe) -> Composed:
+        return Composed(self.name, self.folding.from_recipe(recipe), self.rounding.from_recipe(recipe))
+
+
+AWQ_GPTQ = Composition("awq+gptq", Awq, Gptq)
+
+# name -> an Algorithm class or a Composition (anything with ``from_recipe``), from entry points
+ALGORITHMS: Registry = Registry("algorithms", "quantization algorithm")
+
+
+def algorithm_for(recipe: Recipe) -> Algorithm:
+    """The algorithm config ``recipe`` names, built from its settings; UnknownNameError lists the registered."""
+    return ALGORITHMS.get(recipe.algorithm).from_recipe(recipe)
