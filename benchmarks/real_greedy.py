@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="fp32 HF Llama directory")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--artifacts", default="*.artifact", help="glob of artifact directories in the work folder")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -129,7 +130,7 @@ def main() -> None:
     fp32_tokens = generate(load_model(checkpoint).eval(), checkpoint.tokenizer.encode(args.prompt),
                            max_new_tokens=args.new_tokens)
     rows = []
-    for artifact_dir in sorted(WORK.glob("*.artifact")):
+    for artifact_dir in sorted(WORK.glob(args.artifacts)):
         print(f"{artifact_dir.name} ...", file=sys.stderr, flush=True)
         rows.append(measure(artifact_dir, args.model, args.prompt, args.new_tokens, fp32_tokens))
         write_json_atomic(args.json, {"model": str(args.model), "prompt": args.prompt, "fp32_tokens": fp32_tokens,
