@@ -27,7 +27,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work" / "real"
@@ -66,18 +65,6 @@ def runtime_text(artifact, prompt_ids: list[int], prompt: str, new_tokens: int) 
     return "".join(pieces), None
 
 
-def teacher_forced(forward, prompt_ids: list[int], tokens: list[int]) -> list[float]:
-    """Per token: ``forward``'s best logit minus its logit of the token the runtime chose, after the same prefix
-    (prefill, then one token per call from position 0: an eager model with a fresh cache, or a session)."""
-    with torch.no_grad():
-        steps = [forward(torch.tensor([prompt_ids]), torch.arange(len(prompt_ids)))[0, -1]]
-        for position, token in enumerate(tokens[:-1], start=len(prompt_ids)):
-            steps.append(forward(torch.tensor([[token]]), torch.tensor([position]))[0, -1])
-    logits = torch.stack(steps).double()
-    chosen = logits.gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
-    return (logits.max(-1).values - chosen).tolist()
-
-
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -86,7 +73,7 @@ def measure(artifact_dir: Path, model_dir: Path, prompt: str, new_tokens: int, f
     from edgeforge.checkpoints import open_checkpoint
     from edgeforge.export import open_artifact
     from edgeforge.export.targets import load_target
-    from edgeforge.generate import generate
+    from edgeforge.generate import generate, teacher_forced_shortfall
     from edgeforge.quantize import load_quantized_model
 
     artifact = open_artifact(artifact_dir)
@@ -100,8 +87,8 @@ def measure(artifact_dir: Path, model_dir: Path, prompt: str, new_tokens: int, f
     if runtime_ids is None:  # TextLLMRunner: re-encode its text (byte-level BPE round-trips its own output)
         runtime_ids = tokenizer.encode(text, add_special_tokens=False)[:new_tokens]
     eager.setup_cache(1, len(prompt_ids) + len(runtime_ids))
-    shortfall = teacher_forced(eager, prompt_ids, runtime_ids)
-    session_shortfall = teacher_forced(artifact.open().forward, prompt_ids, runtime_ids)
+    shortfall = teacher_forced_shortfall(eager, prompt_ids, runtime_ids).tolist()
+    session_shortfall = teacher_forced_shortfall(artifact.open().forward, prompt_ids, runtime_ids).tolist()
     parted = common_prefix(runtime_ids, eager_tokens)
     return {"artifact": artifact_dir.name, "format": manifest["format"], "target": manifest["target"]["name"],
             "scheme": manifest["scheme"], "runtime": "onnxruntime-genai" if manifest["format"] == "onnx"

@@ -44,3 +44,16 @@ def generate(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: 
             break
         logits = model(torch.tensor([[token]]), torch.tensor([position]))[0, -1]
     return new_tokens
+
+
+@torch.no_grad()
+def teacher_forced_shortfall(forward, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """Per chosen token: ``forward``'s best logit minus its logit of that token, after the same prefix (prefill
+    the prompt, then one token per call from its end: a model with a fresh cache, or a session). 0 everywhere
+    means ``tokens`` are ``forward``'s own greedy choices; one near-tie cannot make every later token differ."""
+    steps = [forward(torch.tensor([prompt_ids]), torch.arange(len(prompt_ids)))[0, -1]]
+    for position, token in enumerate(tokens[:-1], start=len(prompt_ids)):
+        steps.append(forward(torch.tensor([[token]]), torch.tensor([position]))[0, -1])
+    logits = torch.stack(steps).double()
+    chosen = logits.gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
+    return logits.max(-1).values - chosen

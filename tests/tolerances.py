@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from edgeforge.generate import teacher_forced_shortfall
+
 EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -41,13 +43,7 @@ def assert_greedy_is_argmax(tokens: list[int], forward, prompt: list[int], toler
     near-tie may go either way) on the runtime's own sequence, teacher-forced along the generation path
     (prefill the prompt, then one token per call). Unlike comparing two greedy chains, one rounding-level
     tie cannot make every later token differ."""
-    with torch.no_grad():
-        steps = [forward(torch.tensor([prompt]), torch.arange(len(prompt)))[0, -1]]
-        for position, token in enumerate(tokens[:-1], start=len(prompt)):
-            steps.append(forward(torch.tensor([[token]]), torch.tensor([position]))[0, -1])
-    logits = torch.stack(steps).double()
-    chosen = logits.gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
-    shortfall = logits.max(-1).values - chosen
+    shortfall = teacher_forced_shortfall(forward, prompt, tokens)
     worst = int(shortfall.argmax())
     assert shortfall.max() <= tolerance, (f"token {worst} ({tokens[worst]}) is {shortfall.max():.3g} below the "
                                           f"reference's best logit (tolerance {tolerance:.3g})")
