@@ -39,7 +39,7 @@ def guard_numbers(artifact, model, numerics, *, max_seq_len: int) -> dict:
     started = time.perf_counter()
     reference = decode_logits(model, tokens, prefill)
     candidate = decode_logits(artifact.open().forward, tokens, prefill)
-    report = compare_logits(reference, candidate, artifact.manifest["scheme"])
+    report = compare_logits(reference, candidate, artifact.record.scheme)
     return {"numerics": numerics.value, **report.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -97,7 +97,7 @@ def run_recipe(name: str, checkpoint, reference, calibration, windows, *, group_
     log(f"{name}: quantized in {quantize_s:.1f} s, evaluated in {eval_s:.1f} s, kld_mean {drift.kld_mean:.5f}")
     return {"recipe": name, "status": "ok", "algorithm": recipe.algorithm, "weights": recipe.weights.to_dict(),
             "activations": recipe.activations.value, "calibrated": recipe.needs_calibration,
-            "fallbacks": result.manifest.get("fallbacks", {}), "quantize_s": quantize_s, "eval_s": eval_s,
+            "fallbacks": result.record.fallbacks, "quantize_s": quantize_s, "eval_s": eval_s,
             "drift": drift.to_dict()}
 
 

@@ -60,16 +60,17 @@ def edgeforge(*args, log: Path) -> tuple[bool, float, str]:
 
 def plan(recipes: list[str] | None, targets: list[str] | None) -> list[tuple[str, str]]:
     """(recipe, target) pairs: every decoder recipe with every target that lists its scheme and runs here."""
-    from edgeforge.export.targets import list_targets, load_target, scheme_name
+    from edgeforge.export.targets import list_targets, load_target
     from edgeforge.quantize import load_recipe
     from edgeforge.quantize.recipe import list_recipes
+    from edgeforge.quantize.record import scheme_label
 
     pairs = []
     for recipe_name in recipes or sorted(list_recipes()):
         recipe = load_recipe(recipe_name)
         if recipe_name.startswith("embedding"):
             continue  # encoder recipes: not for a decoder
-        scheme = scheme_name({"recipe": recipe.to_dict()})
+        scheme = scheme_label(recipe.weights.bits, recipe.activations.value)
         for target_name in targets or sorted(list_targets()):
             target = load_target(target_name)
             if target.runs_here and scheme in target.schemes:
@@ -94,8 +95,11 @@ def run_row(model: Path, recipe: str, target: str, calib: Path, evaluation: Path
     artifact, verify_json = WORK / f"{recipe}.{target}.artifact", WORK / f"{recipe}.{target}.verify.json"
     row["quantized"] = quantized.name
     if not quantized.exists():
+        from edgeforge.quantize import load_recipe
+
+        calibration = ("--calib", calib) if load_recipe(recipe).needs_calibration else ()  # RTN: data-free
         ok, seconds, last = edgeforge("quantize", model, "--recipe", recipe, "--target", numerics_target,
-                                      "--calib", calib, "-o", quantized,
+                                      *calibration, "-o", quantized,
                                       log=WORK / f"{recipe}.{numerics_target}.quantize.log")
         row["quantize_seconds"] = round(seconds, 1)
         if not ok:

@@ -36,8 +36,8 @@ RESULTS = REPO / "benchmarks" / "results" / "real_greedy.json"
 
 def runtime_text(artifact, prompt_ids: list[int], prompt: str, new_tokens: int) -> tuple[str, list[int] | None]:
     """(text, ids or None) the artifact's runtime generates greedily; TextLLMRunner hands back text pieces only."""
-    manifest = artifact.manifest
-    if manifest["format"] == "onnx":
+    record = artifact.record
+    if record.format == "onnx":
         import numpy as np
         import onnxruntime_genai as og
 
@@ -56,10 +56,9 @@ def runtime_text(artifact, prompt_ids: list[int], prompt: str, new_tokens: int) 
     register_kernels()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    runner = TextLLMRunner(str(artifact.path / manifest["report"]["model_file"]),
-                           str(artifact.path / manifest["report"]["runner_tokenizer"]))
+    runner = TextLLMRunner(str(artifact.model_file), str(artifact.path / record.report.runner_tokenizer))
     pieces: list[str] = []
-    num_bos = 1 if manifest["tokenizer"]["adds_bos"] else 0
+    num_bos = 1 if record.tokenizer.adds_bos else 0
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=new_tokens, temperature=0.0, num_bos=num_bos),
                     pieces.append)
     return "".join(pieces), None
@@ -72,16 +71,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def measure(artifact_dir: Path, model_dir: Path, prompt: str, new_tokens: int, fp32_tokens: list[int]) -> dict:
     from edgeforge.checkpoints import open_checkpoint
     from edgeforge.export import open_artifact
-    from edgeforge.export.targets import load_target
     from edgeforge.generate import generate, teacher_forced_shortfall
     from edgeforge.quantize import load_quantized_model
 
     artifact = open_artifact(artifact_dir)
-    manifest = artifact.manifest
+    record = artifact.record
     tokenizer = open_checkpoint(model_dir).tokenizer
     prompt_ids = tokenizer.encode(prompt)
-    numerics = load_target(manifest["target"]["name"]).activation_numerics
-    eager = load_quantized_model(manifest["source"]["path"], numerics=numerics).eval()
+    eager = load_quantized_model(record.source.path, numerics=record.target.activation_numerics).eval()
     eager_tokens = generate(eager, prompt_ids, max_new_tokens=new_tokens)
     text, runtime_ids = runtime_text(artifact, prompt_ids, prompt, new_tokens)
     if runtime_ids is None:  # TextLLMRunner: re-encode its text (byte-level BPE round-trips its own output)
@@ -90,8 +87,8 @@ def measure(artifact_dir: Path, model_dir: Path, prompt: str, new_tokens: int, f
     shortfall = teacher_forced_shortfall(eager, prompt_ids, runtime_ids).tolist()
     session_shortfall = teacher_forced_shortfall(artifact.open().forward, prompt_ids, runtime_ids).tolist()
     parted = common_prefix(runtime_ids, eager_tokens)
-    return {"artifact": artifact_dir.name, "format": manifest["format"], "target": manifest["target"]["name"],
-            "scheme": manifest["scheme"], "runtime": "onnxruntime-genai" if manifest["format"] == "onnx"
+    return {"artifact": artifact_dir.name, "format": record.format, "target": record.target.name,
+            "scheme": record.scheme, "runtime": "onnxruntime-genai" if record.format == "onnx"
             else "executorch TextLLMRunner", "prompt_ids": prompt_ids,
             "runtime_tokens": runtime_ids, "eager_tokens": eager_tokens, "same_leading_tokens": parted,
             "of": len(eager_tokens), "same_as_fp32_leading_tokens": common_prefix(runtime_ids, fp32_tokens),

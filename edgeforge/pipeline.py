@@ -21,9 +21,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from edgeforge.fileio import content_sha256, read_json, refuse_overlap, write_json_atomic
 
+if TYPE_CHECKING:
+    from edgeforge.report import ExportStage, ForgeReport, QuantizeStage, StageTiming
+    from edgeforge.verify.bench_record import BenchReport
+    from edgeforge.verify.report import VerifyReport
+
+S = TypeVar("S")
 STATE_FILE = "forge-state.json"
 BUNDLED_TEXT = Path(__file__).resolve().parent / "data" / "tinystories"
 BUNDLED_CALIBRATION = {"samples": 64, "seq_len": 256}  # the bundled sample holds ~55k tokens: fewer than most recipes ask
@@ -54,7 +61,7 @@ class ForgeSettings:
 @dataclass
 class ForgeResult:
     output_dir: Path
-    report: dict
+    report: ForgeReport
     reused: list[str]
 
 
@@ -63,29 +70,33 @@ def _key(**parts) -> str:
 
 
 class _Stages:
-    """Runs stages in order, reusing those whose key and output are unchanged."""
+    """Runs stages in order, reusing those whose key and output are unchanged; the state file keeps each stage's
+    key, seconds and record (read back as its type)."""
 
     def __init__(self, output_dir: Path, say: Callable[[str], None]):
         self.output_dir, self.say = output_dir, say
         self.path = output_dir / STATE_FILE
         self.state = read_json(self.path) if self.path.exists() else {"stages": {}}
         self.reused: list[str] = []
-        self.timings: dict[str, dict] = {}
+        self.timings: dict[str, StageTiming] = {}
 
-    def run(self, name: str, key: str, output: Path, work: Callable[[], dict]) -> dict:
+    def run(self, name: str, key: str, output: Path, work: Callable[[], S], record_type: type[S]) -> S:
+        from edgeforge.records import decode, encode
+        from edgeforge.report import StageTiming
+
         prior = self.state["stages"].get(name)
         if prior and prior["key"] == key and output.exists():
             self.say(f"[{name}] reused: inputs unchanged ({output})")
             self.reused.append(name)
-            self.timings[name] = {"seconds": prior["seconds"], "reused": True}
-            return prior["record"]
+            self.timings[name] = StageTiming(seconds=prior["seconds"], reused=True)
+            return decode(record_type, prior["record"], where=f"{self.path}: stages.{name}.record")
         self.say(f"[{name}] running ...")
         start = time.perf_counter()
         record = work()
         seconds = round(time.perf_counter() - start, 3)
-        self.state["stages"][name] = {"key": key, "seconds": seconds, "record": record}
+        self.state["stages"][name] = {"key": key, "seconds": seconds, "record": encode(record)}
         write_json_atomic(self.path, self.state)
-        self.timings[name] = {"seconds": seconds, "reused": False}
+        self.timings[name] = StageTiming(seconds=seconds, reused=False)
         self.say(f"[{name}] done in {seconds:.1f} s")
         return record
 
@@ -98,6 +109,11 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
     from edgeforge.quantize import load_recipe
     from edgeforge.quantize.calibration import check_calibration, read_documents, with_calibration
     from edgeforge.quantize.driver import require_calibration_tokenizer
+    from edgeforge.quantize.record import RecipeRecord
+    from edgeforge.records import decode
+    from edgeforge.report import ExportStage, ForgeSource, QuantizeStage, build_report, write_html
+    from edgeforge.verify.bench_record import BenchReport
+    from edgeforge.verify.report import VerifyReport
 
     say = progress or (lambda message: None)
     output_dir = Path(output_dir)
@@ -121,73 +137,76 @@ def forge(settings: ForgeSettings, output_dir: str | Path, *,
     quantize_record = stages.run(
         "quantize", _key(source=source_sha, recipe=recipe.to_dict(), calib=calib_sha,
                          numerics=target.activation_numerics.value), quantized_dir,
-        lambda: _quantize(checkpoint, recipe, calib if calib_sha else None, quantized_dir, target, say))
+        lambda: _quantize(checkpoint, recipe, calib if calib_sha else None, quantized_dir, target, say),
+        QuantizeStage)
 
     artifact_dir = output_dir / "artifact"
     export_record = stages.run(
         "export", _key(quantized=content_sha256(quantized_dir), target=target.to_dict(), max_seq_len=settings.max_seq_len),
-        artifact_dir, lambda: _export(quantized_dir, target, artifact_dir, settings.max_seq_len, say))
+        artifact_dir, lambda: _export(quantized_dir, target, artifact_dir, settings.max_seq_len, say), ExportStage)
     artifact_sha = content_sha256(artifact_dir)
 
     verify_path = output_dir / "verify.json"
     verify_record = stages.run(
         "verify", _key(artifact=artifact_sha, reference=source_sha, data=read_documents(data)[1],
                        seq_len=settings.eval_seq_len, windows=settings.eval_windows), verify_path,
-        lambda: _verify(artifact_dir, checkpoint.path, data, settings, verify_path))
+        lambda: _verify(artifact_dir, checkpoint.path, data, settings, verify_path), VerifyReport)
 
     bench_path = output_dir / "bench.json"
     bench_record = stages.run(
         "bench", _key(artifact=artifact_sha, reference=source_sha, repetitions=settings.repetitions,
                       bandwidth_bytes=settings.bandwidth_bytes), bench_path,
-        lambda: _bench(artifact_dir, checkpoint.path, settings, bench_path))
-
-    from edgeforge.report import build_report, write_html
+        lambda: _bench(artifact_dir, checkpoint.path, settings, bench_path), BenchReport)
 
     report = build_report(
-        source={"path": str(checkpoint.path), "format": checkpoint.format, "sha256": source_sha},
-        recipe=recipe.to_dict(), target=target.to_dict(), stages=stages.timings,
+        source=ForgeSource(path=str(checkpoint.path), format=checkpoint.format, sha256=source_sha),
+        recipe=decode(RecipeRecord, recipe.to_dict(), where="recipe"), target=target, stages=stages.timings,
         quantize=quantize_record, export=export_record, verify=verify_record, bench=bench_record)
-    write_json_atomic(output_dir / "report.json", report)
+    write_json_atomic(output_dir / "report.json", report.to_dict())
     write_html(report, output_dir / "report.html")
     say(f"[report] {output_dir / 'report.json'}, {output_dir / 'report.html'}")
     return ForgeResult(output_dir, report, stages.reused)
 
 
-def _quantize(checkpoint, recipe, calib: Path | None, output: Path, target, say) -> dict:
+def _quantize(checkpoint, recipe, calib: Path | None, output: Path, target, say) -> QuantizeStage:
     from edgeforge.quantize import quantize_checkpoint
     from edgeforge.quantize.calibration import calibration_for
 
     calibration = calibration_for(checkpoint, recipe, calib) if calib is not None else None
     result = quantize_checkpoint(checkpoint, recipe, calibration=calibration, output_dir=output,
                                  numerics=target.activation_numerics, progress=say)
-    return {"seconds": round(result.seconds, 3), "algorithm": recipe.algorithm, "layers": result.manifest["layers"],
-            "fallbacks": result.manifest["fallbacks"], "calibration": result.manifest["calibration"]}
+    from edgeforge.report import QuantizeStage
+
+    record = result.record
+    return QuantizeStage(seconds=round(result.seconds, 3), algorithm=recipe.algorithm, layers=record.layers,
+                         fallbacks=record.fallbacks, calibration=record.calibration)
 
 
-def _export(quantized_dir: Path, target, output: Path, max_seq_len: int | None, say) -> dict:
+def _export(quantized_dir: Path, target, output: Path, max_seq_len: int | None, say) -> ExportStage:
     from edgeforge.export import export
 
     artifact = export(quantized_dir, target, output, max_seq_len=max_seq_len, progress=say)
-    manifest = artifact.manifest
-    return {"artifact": str(artifact.path), "format": manifest["format"], "scheme": manifest["scheme"],
-            "model_file": manifest["report"]["model_file"], "report": manifest["report"], "guard": manifest["guard"],
-            "max_seq_len": manifest["max_seq_len"]}
+    from edgeforge.report import ExportStage
+
+    record = artifact.record
+    return ExportStage(artifact=str(artifact.path), format=record.format, scheme=record.scheme,
+                       model_file=record.report.model_file, report=record.report, guard=record.guard,
+                       max_seq_len=record.max_seq_len)
 
 
-def _verify(artifact_dir: Path, reference: Path, data: Path, settings: ForgeSettings, output: Path) -> dict:
+def _verify(artifact_dir: Path, reference: Path, data: Path, settings: ForgeSettings, output: Path) -> VerifyReport:
     from edgeforge.verify.verify import VerifyOptions, verify
 
     report = verify(artifact_dir, reference, data, VerifyOptions(seq_len=settings.eval_seq_len,
                                                                  windows=settings.eval_windows))
-    record = report.to_record()
-    write_json_atomic(output, record)
-    return record
+    write_json_atomic(output, report.to_dict())
+    return report
 
 
-def _bench(artifact_dir: Path, reference: Path, settings: ForgeSettings, output: Path) -> dict:
+def _bench(artifact_dir: Path, reference: Path, settings: ForgeSettings, output: Path) -> BenchReport:
     from edgeforge.verify.bench import BenchSettings, bench
 
     options = BenchSettings(repetitions=settings.repetitions, bandwidth_bytes=settings.bandwidth_bytes)
-    record = bench(artifact_dir, reference=reference, settings=options).to_dict()
-    write_json_atomic(output, record)
+    record = bench(artifact_dir, reference=reference, settings=options)
+    write_json_atomic(output, record.to_dict())
     return record

@@ -3,13 +3,15 @@
 Built-ins and outside packages register the same way: an entry point in the group ``edgeforge.<axis>``
 (``pyproject.toml``'s ``[project.entry-points."edgeforge.exporters"]``) names the object, and the registry
 loads it the first time someone asks for a name. Code may also call :meth:`Registry.register` directly
-(tests, or a module registering a variant at import), which wins over an entry point of the same name.
+(tests, or a module registering a variant at import), which wins over an entry point of the same name;
+``with registry.isolated():`` undoes what a block registered or loaded (a test's toy plugin).
 Loading is lazy per entry: asking for ``onnx`` never imports ExecuTorch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
@@ -69,3 +71,18 @@ class Registry(Generic[T]):
     def refresh(self) -> None:
         """Forget the entry points seen so far (a distribution was installed or put on sys.path since)."""
         self._pending = None
+
+    @contextmanager
+    def isolated(self, *, empty: bool = False) -> Iterator[Registry[T]]:
+        """A block after which the registry is as before it: entries registered or loaded inside are dropped and
+        the entry points are read again on the way in and out (for a plugin put on sys.path for the block).
+        ``empty``: inside, nothing is loaded or registered yet, only the installed entry points are there."""
+        saved = dict(self._entries)
+        if empty:
+            self._entries = {}
+        self.refresh()
+        try:
+            yield self
+        finally:
+            self._entries = saved
+            self.refresh()

@@ -59,10 +59,10 @@ def test_bench_quantized_checkpoint_against_fp32_reference(record, stories_int4)
     assert all(t.speedup is None for t in reference.tests)
     # int4 weights + fp32 scales + one row of the untied embedding read far fewer bytes than fp32
     assert candidate.ceiling.bytes_per_token < reference.ceiling.bytes_per_token / 3
-    assert record.machine["cpu_model"] and record.machine["timestamp"].endswith("Z")
-    assert record.machine["versions"]["torch"] and record.settings["threads"] == 1
+    assert record.machine.cpu_model and record.machine.timestamp.endswith("Z")
+    assert record.machine.versions["torch"] and record.settings.threads == 1
     # stories260K's weights (0.2-1 MB) are read far faster than 64 MiB: they sit in cache, and bench says so
-    assert {p["bytes"] for p in record.bandwidth["probes"]} == {m.ceiling.bytes_per_token for m in record.models}
+    assert {p["bytes"] for p in record.bandwidth.probes} == {m.ceiling.bytes_per_token for m in record.models}
 
 
 def test_json_record_keeps_raw_samples_per_repetition(record):
@@ -98,9 +98,10 @@ def test_share_above_the_ceiling_is_flagged_not_reported(record):
 def test_bytes_per_token_counts_one_row_of_an_untied_embedding():
     checkpoint = open_checkpoint(DEFAULT_CHECKPOINT)
     config = checkpoint.config  # tied: the head reads the whole table, once
-    assert decode_bytes_per_token(config, None) == checkpoint.parameter_count * 4
+    assert decode_bytes_per_token(config, None, architecture_name="llama") == checkpoint.parameter_count * 4
     untied = replace(config, tie_embeddings=False)  # a separate head, and one embedding row per token
-    assert decode_bytes_per_token(untied, None) == (checkpoint.parameter_count + config.dim) * 4
+    untied_bytes = decode_bytes_per_token(untied, None, architecture_name="llama")
+    assert untied_bytes == (checkpoint.parameter_count + config.dim) * 4
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path):

@@ -103,22 +103,22 @@ def _eager(path):
 def test_decoder_artifact_matches_eager_over_prefill_and_decode(scheme, stories, story_tokens, tmp_path):
     path = stories(scheme)
     artifact = export(path, TARGETS.get(scheme, "onnx-cpu"), tmp_path / "onnx", max_seq_len=MAX_SEQ_LEN)
-    guard, report = artifact.manifest["guard"], artifact.manifest["report"]
-    assert guard["passed"] and guard["positions"] == 96, guard
-    assert report["total_ops"] == sum(report["op_types"].values())
-    assert {"onnx", "onnxruntime"} <= set(artifact.manifest["versions"])
-    fused_attention = report["op_types"].get("com.microsoft::GroupQueryAttention", 0)
+    guard, report = artifact.record.guard, artifact.record.report
+    assert guard.passed and guard.positions == 96, guard
+    assert report.total_ops == sum(report.op_types.values())
+    assert {"onnx", "onnxruntime"} <= set(artifact.record.versions)
+    fused_attention = report.op_types.get("com.microsoft::GroupQueryAttention", 0)
     if TARGETS.get(scheme, "onnx-cpu") == "onnx-cpu":
-        assert report["ops_outside_delegate"] == {} and report["delegated_ops"] == report["total_ops"]
-        assert report["delegated_parameter_share"] == 1.0
-        assert fused_attention == 5 and "Softmax" not in report["op_types"]  # one GroupQueryAttention per block
+        assert report.ops_outside_delegate == {} and report.delegated_ops == report.total_ops
+        assert report.delegated_parameter_share == 1.0
+        assert fused_attention == 5 and "Softmax" not in report.op_types  # one GroupQueryAttention per block
     else:  # the QNN provider is not in this onnxruntime: nothing claimed about it, and the check says where it ran
-        assert fused_attention == 0 and report["op_types"]["Softmax"] == 5  # NPUs get plain ops
-        assert "ops_outside_delegate" not in report
-        assert report["check_provider"] == ("CPUExecutionProvider (this onnxruntime has no QNNExecutionProvider; "
-                                            "Q/DQ run as the ONNX spec defines them, not fused)")
+        assert fused_attention == 0 and report.op_types["Softmax"] == 5  # NPUs get plain ops
+        assert report.ops_outside_delegate is None
+        assert report.check_provider == ("CPUExecutionProvider (this onnxruntime has no QNNExecutionProvider; "
+                                         "Q/DQ run as the ONNX spec defines them, not fused)")
     quantized_activations = scheme.startswith("8da") or scheme == "w8a8-static"
-    assert "guard_tolerance" not in report  # every decoder scheme is held to its own limits
+    assert report.guard_tolerance is None  # every decoder scheme is held to its own limits
 
     reference_model = ort_arithmetic(_eager(path))
     reference_model.setup_cache(1, MAX_SEQ_LEN)
@@ -299,7 +299,7 @@ def test_tokenizer_json_encodes_like_sentencepiece_and_genai_after_whitespace_cl
     from tokenizers import Tokenizer
 
     artifact = export(stories("fp32"), "onnx-cpu", tmp_path / "onnx", max_seq_len=64, check=False)
-    assert artifact.manifest["report"]["genai"]["tokenizer"] == "tokenizer.json (converted from tok512.model)"
+    assert artifact.record.report.genai["tokenizer"] == "tokenizer.json (converted from tok512.model)"
     sentencepiece = open_checkpoint(DEFAULT_CHECKPOINT).tokenizer
     fast = Tokenizer.from_file(str(artifact.path / "tokenizer.json"))
     texts = paragraphs + ["  two  spaces ", "a. \nOne", "\nThe End.", "digits 12345", "émoji 🙂", "tab\there", ""]
@@ -352,8 +352,8 @@ def test_random_gqa_untied_checkpoint_quantized_8da4w_exports(tmp_path):
     quantize_checkpoint(open_checkpoint(directory), load_recipe("int4-xnnpack"), calibration=None,
                         output_dir=quantized)
     artifact = export(quantized, "onnx-cpu", tmp_path / "onnx", max_seq_len=64)
-    assert artifact.manifest["guard"]["passed"], artifact.manifest["guard"]
-    assert artifact.manifest["report"]["genai"]["tokenizer"] is None  # the random checkpoint has none: said so
+    assert artifact.record.guard.passed, artifact.record.guard
+    assert artifact.record.report.genai["tokenizer"] is None  # the random checkpoint has none: said so
     reference = ort_arithmetic(load_quantized_model(quantized))
     reference.setup_cache(1, 64)
     tokens = torch.randint(3, 96, (1, 48), generator=torch.Generator().manual_seed(0))
@@ -369,9 +369,9 @@ def test_random_gqa_untied_checkpoint_exports_and_batches_with_left_padding(head
     model = random_llama(config, seed=3)
     directory = write_hf(tmp_path / "hf", config, core_state(model))
     artifact = export(directory, "onnx-cpu", tmp_path / "onnx", max_seq_len=64)
-    assert artifact.manifest["guard"]["passed"] and artifact.manifest["guard"]["max_abs_diff"] < 1e-4
-    assert artifact.manifest["config"]["tie_embeddings"] is False
-    assert ("Neg" in artifact.manifest["report"]["op_types"]) == (config.head_dim == 8)
+    assert artifact.record.guard.passed and artifact.record.guard.max_abs_diff < 1e-4
+    assert artifact.record.model_config().tie_embeddings is False
+    assert ("Neg" in artifact.record.report.op_types) == (config.head_dim == 8)
     # two prompts in one batch, the shorter left-padded, as onnxruntime-genai batches them
     session = artifact.open().session
     lengths, width = (9, 5), 9
@@ -407,11 +407,11 @@ def test_external_data_above_the_size_threshold(stories, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_lower, "EXTERNAL_DATA_THRESHOLD_BYTES", 64 * 1024)  # stories260K is ~1 MB
     artifact = export(stories("fp32"), "onnx-cpu", tmp_path / "onnx", max_seq_len=MAX_SEQ_LEN)
-    report = artifact.manifest["report"]
+    report = artifact.record.report
     data = artifact.path / "model.onnx.data"
-    assert report["external_data"] == "model.onnx.data" and data.stat().st_size > 900_000
+    assert report.external_data == "model.onnx.data" and data.stat().st_size > 900_000
     assert (artifact.path / "model.onnx").stat().st_size < 200_000
-    assert report["size_bytes"] >= data.stat().st_size and artifact.manifest["guard"]["passed"]
+    assert report.size_bytes >= data.stat().st_size and artifact.record.guard.passed
     graph = onnx.load(str(artifact.path / "model.onnx"), load_external_data=False).graph
     external = [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert "tok_embeddings.weight" in external and "layers.0.attention.wqkv.weight_t" in external
@@ -472,8 +472,8 @@ def test_minilm_onnx_embeddings_match_fp32_reference(recipe, minilm_dir, minilm_
 
     source = minilm_dir if recipe is None else minilm_int8
     artifact = export(source, "onnx-cpu", tmp_path / "onnx")
-    assert artifact.manifest["guard"]["passed"]
-    assert (recipe is None) == ("com.microsoft::MatMulNBits" not in artifact.manifest["report"]["op_types"])
+    assert artifact.record.guard.passed
+    assert (recipe is None) == ("com.microsoft::MatMulNBits" not in artifact.record.report.op_types)
     session, tokenizer = artifact.open(), HFTokenizer.from_dir(MINILM)
     sentences = json.loads((MINILM / "reference" / "sentences.json").read_text())
     reference = torch.from_numpy(np.load(MINILM / "reference" / "embeddings_fp32.npy"))

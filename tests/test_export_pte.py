@@ -115,7 +115,7 @@ def runner_pieces(artifact, prompt: str, max_new_tokens: int) -> list[str]:
     register_kernels()
     from executorch.extension.llm.runner._llm_runner import GenerationConfig, TextLLMRunner
 
-    runner = TextLLMRunner(str(artifact.model_file), str(artifact.path / artifact.manifest["report"]["runner_tokenizer"]))
+    runner = TextLLMRunner(str(artifact.model_file), str(artifact.path / artifact.record.report.runner_tokenizer))
     pieces: list[str] = []
     config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0, num_bos=1)
     runner.generate(prompt, config, token_callback=pieces.append)
@@ -172,17 +172,17 @@ def greedy(forward, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 
 def test_gqa_fp32_pte_matches_eager_and_reports_what_runs_where(tiny_llama, tiny_fp32_artifact):
     artifact = tiny_fp32_artifact
-    manifest, report = artifact.manifest, artifact.manifest["report"]
-    assert manifest["guard"]["passed"] and manifest["guard"]["positions"] == 64
-    assert report["model_file"] == "model.pte" and artifact.model_file.is_file()
-    assert report["total_ops"] == report["delegated_ops"] + sum(report["ops_outside_delegate"].values())
-    outside = report["ops_outside_delegate"]
+    record, report = artifact.record, artifact.record.report
+    assert record.guard.passed and record.guard.positions == 64
+    assert report.model_file == "model.pte" and artifact.model_file.is_file()
+    assert report.total_ops == report.delegated_ops + sum(report.ops_outside_delegate.values())
+    outside = report.ops_outside_delegate
     assert outside["llama::update_cache.out"] == 2 and outside["llama::custom_sdpa.out"] == 1  # ExecuTorch's custom ops
     assert not [name for name in outside if name.split("::")[-1].split(".")[0] in ("linear", "mm", "addmm", "bmm")]
-    assert report["delegated_parameter_share"] > 0.5  # all but the embedding table
-    assert report["planned_memory_bytes"] > 0 and report["runner_tokenizer"] is None  # this checkpoint has none
-    assert manifest["versions"]["executorch"] and manifest["versions"]["torchao"]
-    assert "guard_tolerance" not in report
+    assert report.delegated_parameter_share > 0.5  # all but the embedding table
+    assert report.planned_memory_bytes > 0 and report.runner_tokenizer is None  # this checkpoint has none
+    assert record.versions["executorch"] and record.versions["torchao"]
+    assert report.guard_tolerance is None
 
     tokens = torch.randint(0, TINY.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
     reference, candidate = logits_pair(eager_model(tiny_llama("fp32")), artifact.open().forward, tokens, 40)
@@ -192,7 +192,7 @@ def test_gqa_fp32_pte_matches_eager_and_reports_what_runs_where(tiny_llama, tiny
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(artifact.model_file)
-    metadata = {name: program.load_method(name).execute([]) for name in report["runner_metadata"]}
+    metadata = {name: program.load_method(name).execute([]) for name in report.runner_metadata}
     assert metadata["get_max_seq_len"] == [64] and metadata["get_max_context_len"] == [64]
     assert metadata["get_vocab_size"] == [TINY.vocab_size] and metadata["use_kv_cache"] == [True]
     assert metadata["use_sdpa_with_kv_cache"] == [True] and metadata["enable_dynamic_shape"] == [True]
@@ -229,6 +229,14 @@ def test_xnnpack_receives_edgeforge_integers_and_scales(scheme, tiny_llama, tmp_
     assert widened_tolerance(source) is None
 
 
+def test_xnnpack_targets_of_one_numerics_lower_to_the_same_program(tiny_llama, tmp_path):
+    """host, Android, iOS and arm64 Linux differ in where the .pte runs, not in what it is: the same bytes
+    (so a host run of the file checks what ships to the phone)."""
+    programs = {name: (export(tiny_llama("8da4w"), name, tmp_path / name, max_seq_len=64).path / "model.pte")
+                .read_bytes() for name in ("host", "android-arm64-xnnpack")}
+    assert programs["host"] == programs["android-arm64-xnnpack"]
+
+
 def test_int8_weight_only_through_xnnpack_is_refused_and_nothing_is_written(tiny_llama, tmp_path):
     """XNNPACK's weight-only int8 linear drops the scale (it computes x @ qᵀ): the guard must refuse it, against
     the eager model and on drift from fp32 alike."""
@@ -260,11 +268,11 @@ def test_ios_coreml_decoder_is_one_delegate_with_the_cache_as_state(tiny_llama, 
     """The core model with its static cache, one token per call: CoreML takes the whole graph, the KV cache
     becoming CoreML state (iOS 18+); the runner metadata says to prefill token by token."""
     artifact = export(tiny_llama("fp32"), "ios-coreml", tmp_path / "coreml", max_seq_len=32)
-    report = artifact.manifest["report"]
-    assert artifact.manifest["guard"] is None and report["ops_outside_delegate"] == {}
-    assert report["delegated_parameter_share"] == 1.0
-    assert report["runner_metadata"]["enable_dynamic_shape"] is False
-    assert report["runner_metadata"]["use_sdpa_with_kv_cache"] is False
+    report = artifact.record.report
+    assert artifact.record.guard is None and report.ops_outside_delegate == {}
+    assert report.delegated_parameter_share == 1.0
+    assert report.runner_metadata["enable_dynamic_shape"] is False
+    assert report.runner_metadata["use_sdpa_with_kv_cache"] is False
     with pytest.raises(UnsupportedError, match="ios-coreml cannot run here"):
         artifact.open()
 
@@ -273,10 +281,10 @@ def test_ios_coreml_encoder_is_lowered_whole_and_refuses_to_run_here(minilm_dir,
     """CoreML lowers ahead of time on Linux (coremltools) but executes on Apple devices only: the artifact is
     written with its guard marked as not run, and verify/bench refuse it instead of guessing."""
     artifact = export(minilm_dir, "ios-coreml", tmp_path / "coreml")
-    report = artifact.manifest["report"]
-    assert artifact.manifest["guard"] is None and artifact.manifest["target"]["runs_here"] is False
-    assert report["ops_outside_delegate"] == {} and report["delegated_parameter_share"] == 1.0
-    assert 1.9 < report["bytes_per_parameter"] < 2.1  # an fp16 ML program inside the .pte, not fp32 weights
+    report = artifact.record.report
+    assert artifact.record.guard is None and artifact.record.target.runs_here is False
+    assert report.ops_outside_delegate == {} and report.delegated_parameter_share == 1.0
+    assert 1.9 < report.bytes_per_parameter < 2.1  # an fp16 ML program inside the .pte, not fp32 weights
     with pytest.raises(UnsupportedError, match="ios-coreml cannot run here: on Apple devices only"):
         artifact.open()
 
@@ -296,15 +304,15 @@ def test_decoder_session_refuses_positions_outside_the_cache(tiny_fp32_artifact)
 def test_stories_pte_matches_eager_and_runs_in_the_llm_runner(scheme, stories, story_tokens, tmp_path):
     path = stories(scheme)
     artifact = export(path, "host", tmp_path / "pte", max_seq_len=MAX_SEQ_LEN)
-    assert artifact.manifest["guard"]["passed"] and artifact.manifest["guard"]["positions"] == 96
-    assert artifact.manifest["report"]["runner_tokenizer"] == "tok512.model"
+    assert artifact.record.guard.passed and artifact.record.guard.positions == 96
+    assert artifact.record.report.runner_tokenizer == "tok512.model"
     assert (artifact.path / "tok512.model").is_file()
     session, model = artifact.open(), eager_model(path)
     reference, candidate = logits_pair(model, session.forward, story_tokens, 64)
     if scheme == "8da4w":  # close end to end, exact layer by layer
         result = compare_logits(reference, candidate, scheme)
         assert result.min_cosine >= 0.999 and result.top1_agreement >= 0.90, result
-        assert "guard_tolerance" not in artifact.manifest["report"]
+        assert artifact.record.report.guard_tolerance is None
         assert_layers_exact(model, story_tokens[:, :64], tmp_path)
     else:
         assert (reference - candidate).abs().max() <= 1e-4, (reference - candidate).abs().max()
@@ -333,10 +341,10 @@ def tiny_bert(tiny_bert_dir):
 
 def test_encoder_pte_has_dynamic_batch_and_length(tiny_bert, tmp_path):
     artifact = export(tiny_bert, "host", tmp_path / "pte")
-    assert artifact.manifest["guard"]["passed"] and artifact.manifest["report"]["runner_metadata"] is None
-    guard = artifact.manifest["guard"]  # what was measured: cosine over sentences, no top token to agree on
-    assert guard["sentences"] == 4 and guard["min_cosine"] >= 0.999 and "top1_agreement" not in guard, guard
-    assert describe_guard(guard) == f"passed against the eager model: min cosine {guard['min_cosine']:.5f} over 4 sentences"
+    assert artifact.record.guard.passed and artifact.record.report.runner_metadata is None
+    guard = artifact.record.guard  # what was measured: cosine over sentences, no top token to agree on
+    assert guard.sentences == 4 and guard.min_cosine >= 0.999 and guard.top1_agreement is None, guard
+    assert describe_guard(guard) == f"passed against the eager model: min cosine {guard.min_cosine:.5f} over 4 sentences"
     session, model = artifact.open(), eager_model(tiny_bert)
     tokenizer = open_checkpoint(tiny_bert).tokenizer
     batches = (["hello"], ["a man is eating food.", "a", "the quick brown fox jumps over the lazy dog"],
@@ -358,7 +366,7 @@ def test_minilm_pte_embeddings_match_the_fp32_reference(scheme, minilm_dir, mini
 
     path = minilm_dir if scheme == "fp32" else minilm_int8
     artifact = export(path, "host", tmp_path / "pte")
-    assert artifact.manifest["guard"]["passed"]
+    assert artifact.record.guard.passed
     sentences = json.loads((MINILM / "reference" / "sentences.json").read_text())
     reference = torch.from_numpy(np.load(MINILM / "reference" / "embeddings_fp32.npy"))
     tokenizer = open_checkpoint(path).tokenizer

@@ -8,7 +8,11 @@ import sys
 
 import pytest
 
+from click.testing import CliRunner
+
+from edgeforge.cli import main
 from edgeforge.pipeline import ForgeSettings, forge
+from edgeforge.report import ForgeReport
 
 FAST = dict(recipe="int4-xnnpack", target="onnx-cpu", eval_windows=4, eval_seq_len=128, repetitions=1,
             bandwidth_bytes=64 << 20)
@@ -19,6 +23,7 @@ def test_forge_writes_reports_and_reuses_unchanged_stages(tmp_path):
     result = forge(ForgeSettings(**FAST), out)
     report = json.loads((out / "report.json").read_text())
     assert report["kind"] == "edgeforge.report" and report["schema_version"] == 1
+    assert ForgeReport.from_dict(report, path=out / "report.json") == result.report  # the file is the record
     assert report["export"]["scheme"] == "8da4w" and report["export"]["guard"]["min_cosine"] > 0.999
     drift = report["verify"]["drift"]
     assert drift["token_count"] > 400 and 0 < drift["kld_mean_nats"] < 0.3 and drift["ppl_ratio"] > 1
@@ -31,8 +36,17 @@ def test_forge_writes_reports_and_reuses_unchanged_stages(tmp_path):
     assert result.reused == []
     again = forge(ForgeSettings(**FAST), out)
     assert again.reused == ["quantize", "export", "verify", "bench"]
+    assert (again.report.quantize, again.report.bench) == (result.report.quantize, result.report.bench)
     changed = forge(ForgeSettings(**{**FAST, "eval_windows": 3}), out)
     assert changed.reused == ["quantize", "export", "bench"]
+    state = json.loads((out / "forge-state.json").read_text())
+    del state["stages"]["verify"]["record"]["settings"]  # a stored record that no longer reads
+    (out / "forge-state.json").write_text(json.dumps(state))
+    broken = CliRunner().invoke(main, ["forge", "--recipe", FAST["recipe"], "--target", FAST["target"], "-o", str(out),
+                                       "--eval-windows", "3", "--eval-seq-len", "128", "--repetitions", "1"])
+    assert broken.exit_code == 2 and "Traceback" not in broken.output, broken.output
+    assert broken.stderr.strip().splitlines()[-1] == (f"edgeforge: error: {out / 'forge-state.json'}: "
+                                                      "stages.verify.record: field 'settings' is missing")
 
 
 def test_forge_killed_during_export_resumes_without_half_written_artifacts(tmp_path):

@@ -11,7 +11,7 @@ tiers. The statistics are checked against float64 arithmetic done by hand.
 import json
 import math
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -97,23 +97,23 @@ def onnx_with_per_token_eager() -> Target:
     return replace(load_target("onnx-cpu"), activation_numerics=ActivationNumerics.XNNPACK)
 
 
-def assert_fp32_drift_passed(record: dict) -> None:
+def assert_fp32_drift_passed(record: guard.GuardResult) -> None:
     """The guard record of an artifact tier 1 refused (below the one-tier guard's tolerance) and tier 2 passed."""
-    assert record["test"] == "fp32-drift" and record["passed"], record
+    assert record.test == "fp32-drift" and record.passed, record
     min_cosine, min_top1 = scheme_tolerance("8da4w")
-    assert record["min_cosine"] < min_cosine or record["top1_agreement"] < min_top1, record
-    drift = record["fp32_drift"]
-    assert drift["passed"] and drift["tokens"] == "text", drift
-    assert drift["positions"] == guard.DRIFT_WINDOWS * guard.DRIFT_WINDOW
-    assert drift["kld_excess_mean"] <= drift["kld_excess_bound"] < 0.25 * drift["kld_eager_mean"], drift
-    assert drift["top1_shortfall_mean"] <= drift["top1_shortfall_bound"], drift
+    assert record.min_cosine < min_cosine or record.top1_agreement < min_top1, record
+    drift = record.fp32_drift
+    assert drift.passed and drift.tokens == "text", drift
+    assert drift.positions == guard.DRIFT_WINDOWS * guard.DRIFT_WINDOW
+    assert drift.kld_excess_mean <= drift.kld_excess_bound < 0.25 * drift.kld_eager_mean, drift
+    assert drift.top1_shortfall_mean <= drift.top1_shortfall_bound, drift
 
 
 @pytest.mark.slow  # the .pte export of 4 layers (XNNPACK lowering): 4-6 min on a busy 2-core machine
 def test_real_weights_int4_pte_passes_the_guard(host_int4):
-    record = host_int4.manifest["guard"]
-    assert record["passed"] and record["test"] in ("eager", "fp32-drift"), record
-    assert (record["fp32_drift"] is None) == (record["test"] == "eager")
+    record = host_int4.record.guard
+    assert record.passed and record.test in ("eager", "fp32-drift"), record
+    assert (record.fp32_drift is None) == (record.test == "eager")
 
 
 @pytest.mark.slow
@@ -139,11 +139,11 @@ def test_fp32_drift_accepts_the_onnx_artifact_an_eager_model_with_per_token_roun
     from edgeforge.cli.export import format_export_summary
 
     artifact = export(smollm2_slice_int4, onnx_with_per_token_eager(), tmp_path / "artifact", max_seq_len=MAX_SEQ_LEN)
-    record = artifact.manifest["guard"]
+    record = artifact.record.guard
     assert_fp32_drift_passed(record)
-    assert json.loads((artifact.path / "edgeforge.json").read_text())["guard"] == record
-    summary = format_export_summary(artifact.path, artifact.manifest)
-    assert f"passed on drift from fp32 (against eager: min cosine {record['min_cosine']:.5f}" in summary, summary
+    assert json.loads((artifact.path / "edgeforge.json").read_text())["guard"] == asdict(record)
+    summary = format_export_summary(artifact.path, artifact.record)
+    assert f"passed on drift from fp32 (against eager: min cosine {record.min_cosine:.5f}" in summary, summary
 
 
 def test_fp32_drift_refuses_when_the_fp32_source_is_missing_or_changed(smollm2_slice, smollm2_slice_int4, tmp_path):
@@ -239,7 +239,7 @@ def test_full_smollm2_int4_passes_the_guard(target, shared, tmp_path):
     full = smollm2_slice(layers=30, vocab=49_152)
     quantized = tmp_path / "q"
     quantize_checkpoint(open_checkpoint(full), load_recipe("int4-xnnpack"), calibration=None, output_dir=quantized)
-    record = export(quantized, target, tmp_path / "artifact", max_seq_len=MAX_SEQ_LEN).manifest["guard"]
-    assert record["passed"], record
-    if record["test"] == "fp32-drift":
+    record = export(quantized, target, tmp_path / "artifact", max_seq_len=MAX_SEQ_LEN).record.guard
+    assert record.passed, record
+    if record.test == "fp32-drift":
         assert_fp32_drift_passed(record)

@@ -44,10 +44,9 @@ def sign_plugin(tmp_path, monkeypatch):
     (dist_info / "entry_points.txt").write_text("[edgeforge.algorithms]\nsign = toyplugin:SignRounding\n")
     (site / "toyplugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(ALGORITHMS, "_entries", dict(ALGORITHMS._entries))  # forget 'sign' afterwards
-    ALGORITHMS.refresh()
-    yield
-    ALGORITHMS.refresh()
+    with ALGORITHMS.isolated():  # forget 'sign' afterwards
+        yield
+        monkeypatch.undo()
 
 
 def test_outside_algorithm_is_listed_and_quantizes_with_its_own_integers_and_scales(sign_plugin, tmp_path):

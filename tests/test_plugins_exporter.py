@@ -42,8 +42,8 @@ class ToyExporter:
         np.savez(out_dir / MODEL_FILE, **arrays)
         return {"model_file": MODEL_FILE, "versions": {"numpy": np.__version__}}
 
-    def open(self, artifact_dir, manifest):
-        return NumpyDecoder(np.load(artifact_dir / manifest["report"]["model_file"]), manifest["config"])
+    def open(self, artifact_dir, record):
+        return NumpyDecoder(np.load(artifact_dir / record.report.model_file), record.model_config())
 
     def prepare_runtime(self, threads):
         return ", numpy"
@@ -63,9 +63,8 @@ class NumpyDecoder:
 
     def __init__(self, weights, config):
         self.w = {name: weights[name].astype(np.float64) for name in weights.files}
-        self.heads, self.kv_heads = config["n_heads"], config["n_kv_heads"] or config["n_heads"]
-        self.head_dim = config.get("head_dim") or config["dim"] // config["n_heads"]
-        self.layers, self.eps = config["n_layers"], config["norm_eps"]
+        self.heads, self.kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.layers, self.eps = config.n_layers, config.norm_eps
 
     def forward(self, tokens, input_pos):
         w, positions = self.w, input_pos.numpy()
@@ -105,12 +104,10 @@ def toy_plugin(tmp_path, monkeypatch):
     site = write_plugin_distribution(tmp_path / "site", EXPORTERS.group, {"toy": "toy_exporter:ToyExporter"},
                                      {"toy_exporter": TOY_EXPORTER})
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(EXPORTERS, "_entries", dict(EXPORTERS._entries))  # the loaded toy goes with the fixture
-    EXPORTERS.refresh()
-    yield
-    monkeypatch.undo()
+    with EXPORTERS.isolated():  # the loaded toy goes with the fixture
+        yield
+        monkeypatch.undo()
     sys.modules.pop("toy_exporter", None)
-    EXPORTERS.refresh()
 
 
 def write_toy_target(path):
@@ -134,9 +131,9 @@ def test_a_plugin_exporter_is_listed_and_used_by_export_and_verify(toy_plugin, t
                                        "-o", str(out), "--max-seq-len", "128"], catch_exceptions=False)
     assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}{result.stderr}"
     artifact = open_artifact(out)
-    guard = artifact.manifest["guard"]
-    assert artifact.format == "toy" and (out / "model.npz").is_file() and guard["passed"], artifact.manifest
-    assert guard["min_cosine"] >= 0.99999 and guard["top1_agreement"] == 1.0, guard  # fp32's own tolerance
+    guard = artifact.record.guard
+    assert artifact.format == "toy" and (out / "model.npz").is_file() and guard.passed, artifact.record
+    assert guard.min_cosine >= 0.99999 and guard.top1_agreement == 1.0, guard  # fp32's own tolerance
 
     model = load_model(open_checkpoint(DEFAULT_CHECKPOINT))
     model.setup_cache(1, 128)
@@ -183,24 +180,21 @@ def test_a_plugin_checkpoint_format_is_detected_and_offered_by_inspect(tmp_path,
     site = write_plugin_distribution(tmp_path / "site", FORMATS.group, {"toy": "toy_format:open_toy"},
                                      {"toy_format": TOY_FORMAT})
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(FORMATS, "_entries", dict(FORMATS._entries))
-    FORMATS.refresh()
-    try:
-        model = shutil.copyfile(DEFAULT_CHECKPOINT, tmp_path / "stories.toyckpt")
-        shutil.copyfile(DEFAULT_CHECKPOINT.parent / "tok512.bin", tmp_path / "tok512.bin")
-        assert "[edgeforge|gguf|hf|llama2c|meta|toy]" in CliRunner().invoke(main, ["inspect", "--help"]).output
-        result = CliRunner().invoke(main, ["inspect", str(model), "--json", "-"], catch_exceptions=False)
-        assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}{result.stderr}"
-        record = json.loads(result.output)
-        assert record["format"] == "toy" and record["parameter_count"] == 260_032, record
-    finally:
-        monkeypatch.undo()
-        sys.modules.pop("toy_format", None)
-        FORMATS.refresh()
+    with FORMATS.isolated():
+        try:
+            model = shutil.copyfile(DEFAULT_CHECKPOINT, tmp_path / "stories.toyckpt")
+            shutil.copyfile(DEFAULT_CHECKPOINT.parent / "tok512.bin", tmp_path / "tok512.bin")
+            assert "[edgeforge|gguf|hf|llama2c|meta|toy]" in CliRunner().invoke(main, ["inspect", "--help"]).output
+            result = CliRunner().invoke(main, ["inspect", str(model), "--json", "-"], catch_exceptions=False)
+            assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}{result.stderr}"
+            record = json.loads(result.output)
+            assert record["format"] == "toy" and record["parameter_count"] == 260_032, record
+        finally:
+            monkeypatch.undo()
+    sys.modules.pop("toy_format", None)
 
 
 def test_a_quantized_checkpoint_is_detected_through_its_entry_point(stories_int4, monkeypatch):
-    monkeypatch.setattr(FORMATS, "_entries", {})  # nothing loaded or registered: only the installed entry points
-    FORMATS.refresh()
-    assert open_checkpoint(stories_int4).format == "edgeforge"
-    assert open_checkpoint(DEFAULT_CHECKPOINT).format == "llama2c"
+    with FORMATS.isolated(empty=True):  # nothing loaded or registered: only the installed entry points
+        assert open_checkpoint(stories_int4).format == "edgeforge"
+        assert open_checkpoint(DEFAULT_CHECKPOINT).format == "llama2c"

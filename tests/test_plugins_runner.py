@@ -97,11 +97,10 @@ def toy_runner(tmp_path, monkeypatch):
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplugin\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text("[edgeforge.runners]\ntoy = toy_runner:ToyRunner\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(RUNNERS, "_entries", {})  # what the registry loads here is dropped with the monkeypatch
-    RUNNERS.refresh()
-    yield
+    with RUNNERS.isolated(empty=True):  # what the registry loads here is dropped afterwards
+        yield
+        monkeypatch.undo()
     sys.modules.pop("toy_runner", None)
-    RUNNERS.refresh()
 
 
 def test_toy_runner_from_outside_the_package_is_listed_and_its_samples_reach_the_report(toy_runner, tmp_path,

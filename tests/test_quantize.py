@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from edgeforge.checkpoints import DEFAULT_CHECKPOINT, load_model, open_checkpoint
 from edgeforge.cli import main
 from edgeforge.errors import ConfigError, InputError, UnknownNameError
-from edgeforge.quantize import load_quantized_model, load_recipe, quantize_checkpoint
+from edgeforge.quantize import load_quantized_model, load_recipe, quantize_checkpoint, read_quantized
 from edgeforge.quantize.calibration import build_calibration, document_fingerprint
 from edgeforge.quantize.modules import QuantizedLinear
 from edgeforge.quantize.scheme import unpack_int4
@@ -66,11 +66,11 @@ def test_int8_dynamic_kld_is_tiny(split, quantized):
 
 
 def test_gptq_output_error_is_below_rtn_on_every_layer(quantized):
-    layers = json.loads((quantized["int4-gptq"] / "edgeforge.json").read_text())["layers"]
-    linears = {name: layer for name, layer in layers.items() if "rel_error" in layer}
+    layers = read_quantized(quantized["int4-gptq"]).layers
+    linears = {name: layer for name, layer in layers.items() if layer.rel_error is not None}
     assert len(linears) == 36  # 5 blocks x 7 linears + the output head
-    worse = {name: (layer["rel_error"], layer["rel_error_rtn"]) for name, layer in linears.items()
-             if not layer["rel_error"] < layer["rel_error_rtn"]}
+    worse = {name: (layer.rel_error, layer.rel_error_rtn) for name, layer in linears.items()
+             if not layer.rel_error < layer.rel_error_rtn}
     assert not worse, f"GPTQ not below RTN on {worse}"
 
 
@@ -177,14 +177,14 @@ def test_mixed_precision_overrides_from_a_recipe_file(tmp_path):
                       '[[override]]\nmatch = \'attention\\.wk$\'\nkeep = true\n')
     result = quantize_checkpoint(open_checkpoint(DEFAULT_CHECKPOINT), load_recipe(recipe), calibration=None,
                                  output_dir=tmp_path / "q")
-    layers = result.manifest["layers"]
-    assert layers["layers.0.attention.wq"]["scheme"]["bits"] == 8
-    assert layers["layers.2.attention.wq"]["scheme"]["bits"] == 4
+    layers = result.record.layers
+    assert layers["layers.0.attention.wq"].weight_scheme.bits == 8
+    assert layers["layers.2.attention.wq"].weight_scheme.bits == 4
     assert "layers.2.attention.wk" not in layers  # kept in full precision
     model = load_quantized_model(tmp_path / "q")
     assert isinstance(model.layers[2].attention.wk, torch.nn.Linear)
-    assert "output_sqnr_db" not in layers["layers.2.attention.wq"]  # data-free: weight SQNR only
-    assert layers["layers.2.attention.wq"]["weight_sqnr_db"] > 15
+    assert layers["layers.2.attention.wq"].output_sqnr_db is None  # data-free: weight SQNR only
+    assert layers["layers.2.attention.wq"].weight_sqnr_db > 15
 
 
 def _cli(*args):
@@ -225,11 +225,11 @@ def test_encoders_take_the_same_block_driver_and_calibrated_algorithms(tiny_bert
     calibration = build_calibration(split[1], checkpoint.tokenizer, samples=16, seq_len=32)
     result = quantize_checkpoint(checkpoint, load_recipe("int4-gptq"), calibration=calibration,
                                  output_dir=tmp_path / "q")
-    layers = result.manifest["layers"]
+    layers = result.record.layers
     linears = {name: layer for name, layer in layers.items() if name != "embeddings.word_embeddings"}
-    assert len(linears) == 12 and all(layer["algorithm"] == "gptq" for layer in linears.values())
-    worse = {name: (layer["rel_error"], layer["rel_error_rtn"]) for name, layer in linears.items()
-             if not layer["rel_error"] < layer["rel_error_rtn"]}
+    assert len(linears) == 12 and all(layer.algorithm == "gptq" for layer in linears.values())
+    worse = {name: (layer.rel_error, layer.rel_error_rtn) for name, layer in linears.items()
+             if not layer.rel_error < layer.rel_error_rtn}
     assert not worse, f"GPTQ not below RTN on {worse}"
     tokens = calibration.tokens[:4]
     with torch.no_grad():

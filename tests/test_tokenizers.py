@@ -10,7 +10,7 @@ import pytest
 
 from edgeforge.checkpoints.scored_bpe import ScoredBPETokenizer
 from edgeforge.checkpoints.tokenizers import (LLAMA3_SPECIAL_TOKENS, LLAMA3_SPLIT, HFTokenizer, SentencePieceTokenizer,
-                                              find_tokenizer, is_tiktoken_file)
+                                              TokenizerPolicy, find_tokenizer, is_tiktoken_file)
 from edgeforge.errors import InputError
 from tests.conftest import SHARED, STORIES
 
@@ -222,7 +222,7 @@ def test_several_end_of_sequence_ids_reach_the_pte_metadata_and_genai_config(tmp
     config = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=5, hidden_dim=64, max_seq_len=16)
     source = SimpleNamespace(config=config, tokenizer=tokenizer, tokenizer_files=tokenizer_files(tokenizer))
     assert runner_metadata(source, max_seq_len=16)["get_eos_ids"] == [1, 2]
-    write_genai_files(source, tmp_path, max_seq_len=16)
+    write_genai_files(source, tmp_path, model_type="llama", max_seq_len=16)
     model = json.loads((tmp_path / "genai_config.json").read_text())["model"]
     assert model["eos_token_id"] == [1, 2] and model["pad_token_id"] == 1
     assert HFTokenizer.from_dir(_word_level_dir(tmp_path / "one", '{"eos_token_id": 1}')).eos_ids == (1,)
@@ -238,9 +238,9 @@ def test_quantized_checkpoint_and_artifact_manifests_record_the_tokenizer_policy
     from edgeforge.export import export
     from edgeforge.quantize import load_recipe, quantize_checkpoint
 
-    policy = {"kind": "sentencepiece", "adds_bos": True, "bos_id": 1, "eos_ids": [2]}
+    policy = TokenizerPolicy(kind="sentencepiece", adds_bos=True, bos_id=1, eos_ids=[2])
     result = quantize_checkpoint(open_checkpoint(DEFAULT_CHECKPOINT), load_recipe("int4-xnnpack"), calibration=None,
                                  output_dir=tmp_path / "int4")
-    assert result.manifest["tokenizer"] == policy
+    assert result.record.tokenizer == policy
     artifact = export(tmp_path / "int4", "onnx-cpu", tmp_path / "onnx", max_seq_len=32, check=False)
-    assert artifact.manifest["tokenizer"] == policy
+    assert artifact.record.tokenizer == policy

@@ -81,11 +81,11 @@ def test_second_verify_reads_the_reference_from_the_cache(int4, texts, tmp_path,
     options = VerifyOptions(seq_len=128, windows=4, cache_dir=tmp_path / "cache")
     first = verify(int4, DEFAULT_CHECKPOINT, texts["eval"], options)
     files = list((tmp_path / "cache").iterdir())
-    assert len(files) == 1 and not first.reference_cache["hit"]
+    assert len(files) == 1 and not first.reference_cache.hit
     written = files[0].stat().st_mtime_ns
     second = verify(int4, DEFAULT_CHECKPOINT, texts["eval"], options)
     assert runs == [1], "the reference ran again although its results were cached"
-    assert second.reference_cache == {**first.reference_cache, "hit": True}
+    assert second.reference_cache == replace(first.reference_cache, hit=True)
     assert files[0].stat().st_mtime_ns == written and list((tmp_path / "cache").iterdir()) == files
     assert second.drift == first.drift
     assert files[0].stat().st_size < 4 * 128 * DEFAULT_TOP_K * 9 + 64 * 1024  # top-k summary, not [N, L, vocab] logits
@@ -129,9 +129,9 @@ def test_topk_kld_is_a_lower_bound_within_1e_3_of_exact(int4, texts):
 def test_identical_model_has_zero_kld_and_ppl_ratio_one(texts):
     report = verify(DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT, texts["eval"],
                     VerifyOptions(seq_len=128, windows=4, use_cache=False))
-    assert report.reference_cache["path"] is None and not report.reference_cache["hit"]
+    assert report.reference_cache.path is None and not report.reference_cache.hit
     drift = report.drift
-    assert drift.kld_mean == 0.0 and drift.kld_max == 0.0, drift
+    assert drift.kld_mean_nats == 0.0 and drift.kld_max_nats == 0.0, drift
     assert drift.ppl_ratio == 1.0 and drift.top1_agreement == 1.0 and drift.rms_delta_p == 0.0
     assert report.verdict == "ungated" and report.verdict_line.startswith("UNGATED")
 
@@ -141,7 +141,7 @@ def test_planted_fault_fails_its_gate_with_exit_1(int4, texts, tmp_path):
 
     clean = _verify_cli(int4, texts["eval"], *LOOSE_GATES)
     assert clean.exit_code == 0, clean.output
-    assert re.search(r"^PASS: kld_mean \S+ <= max_kld 0.15; top1_agreement \S+ >= min_top1 0.75; "
+    assert re.search(r"^PASS: kld_mean_nats \S+ <= max_kld 0.15; top1_agreement \S+ >= min_top1 0.75; "
                      r"ppl_ratio \S+ <= max_ppl_ratio \S+$", clean.stdout, re.MULTILINE), clean.stdout
     faulty = tmp_path / "faulty"
     shutil.copytree(int4, faulty)
@@ -151,7 +151,7 @@ def test_planted_fault_fails_its_gate_with_exit_1(int4, texts, tmp_path):
     result = _verify_cli(faulty, texts["eval"], *LOOSE_GATES)
     assert result.exit_code == 1, result.output
     verdict = result.stdout.strip().splitlines()[-1]
-    assert re.match(r"FAIL: kld_mean \S+ > max_kld 0.15; top1_agreement \S+ < min_top1 0.75", verdict), verdict
+    assert re.match(r"FAIL: kld_mean_nats \S+ > max_kld 0.15; top1_agreement \S+ < min_top1 0.75", verdict), verdict
     assert "edgeforge: error:" in result.stderr and "Traceback" not in result.output
 
 
@@ -162,7 +162,7 @@ def test_recipe_gates_are_the_default(int4, texts):
                      result.stdout, re.MULTILINE), result.stdout
     assert "gates      max_kld from the command line" in result.stdout
     verdict = result.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"FAIL: kld_mean [0-9.]+ > max_kld 1e-09", verdict), verdict  # the recipe's gates passed
+    assert re.fullmatch(r"FAIL: kld_mean_nats [0-9.]+ > max_kld 1e-09", verdict), verdict  # the recipe's gates passed
     assert "max_kld_eager" not in result.stdout  # a quantized checkpoint is its own eager model
 
 
@@ -217,6 +217,7 @@ def test_cli_json_record_has_the_documented_fields(int4, texts, tmp_path):
         assert isinstance(drift[key], float), key
     assert drift["token_count"] == 508 and len(record["samples"]["window_kld_mean_nats"]) == 4
     assert [g["gate"] for g in record["gates"]] == ["max_kld", "min_top1", "max_ppl_ratio"]
+    assert [drift[g["statistic"]] for g in record["gates"]] == [g["value"] for g in record["gates"]]  # one name
     assert all(g["passed"] for g in record["gates"]) and [g["source"] for g in record["gates"]] == ["option"] * 2 + ["recipe"]
     assert record["eager"] is None  # a quantized checkpoint is its own eager model
     assert record["overlap"]["method"] == "fingerprints" and record["overlap"]["overlapping_documents"] == 0
@@ -260,14 +261,14 @@ def test_minilm_int8_embeddings_stay_close_to_fp32(minilm_dir, minilm_int8, text
 def test_onnx_artifact_is_verified_in_onnxruntime_with_its_sources_lineage(int4, int4_onnx, texts):
     eager = verify(int4, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
     report = verify(int4_onnx, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
-    assert report.artifact["kind"] == "artifact" and report.artifact["format"] == "onnx"
-    assert report.reference_cache["hit"], "the eager run's reference results were not reused"
+    assert report.artifact.kind == "artifact" and report.artifact.format == "onnx"
+    assert report.reference_cache.hit, "the eager run's reference results were not reused"
     assert report.overlap.method == "fingerprints"  # export copied the source's fingerprints into the artifact
     assert report.overlap.source == str(int4_onnx / "calibration.json")
     assert [g.gate for g in report.gates] == ["max_kld", "min_top1", "max_ppl_ratio", "max_kld_eager"]
     assert report.gates_source.startswith("recipe int4")
     assert not report.notes, report.notes  # the reference is the checkpoint the artifact was made from
-    assert report.drift.kld_mean == pytest.approx(eager.drift.kld_mean, rel=0.1)  # runtime vs eager: same model
+    assert report.drift.kld_mean_nats == pytest.approx(eager.drift.kld_mean_nats, rel=0.1)  # runtime vs eager
     with pytest.raises(ConfigError, match="exceeds the model's context 128"):
         verify(int4_onnx, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=256, windows=1))
     runtime, eager_model = open_for_eval(int4_onnx), open_for_eval(int4)  # the one forward() of both kinds
@@ -296,15 +297,15 @@ def test_artifact_is_held_to_its_eager_source_which_is_run_once_and_cached(int4_
     options = VerifyOptions(seq_len=128, windows=4, cache_dir=tmp_path / "cache")
     first = verify(int4_onnx, DEFAULT_CHECKPOINT, texts["eval"], options)
     gate = first.gates[-1]
-    assert (gate.gate, gate.statistic, gate.source, gate.passed) == ("max_kld_eager", "kld_mean", "eager", True)
+    assert (gate.gate, gate.statistic, gate.source, gate.passed) == ("max_kld_eager", "kld_mean_nats", "eager", True)
     eager = first.eager
-    assert not eager["cache_hit"] and len(eager["window_kld_mean_nats"]) == 4 and first.timing["eager_seconds"] > 0
+    assert not eager.cache_hit and len(eager.window_kld_mean_nats) == 4 and first.timing.eager_seconds > 0
     # 4w: onnxruntime runs the eager float arithmetic; logits agree to float32 rounding summed over the layers
     # (~1e-6 of their scale), which moves a KLD of ~0.1 by far less than 1e-4 of itself
-    assert first.drift.kld_mean == pytest.approx(eager["kld_mean_nats"], rel=1e-4)
-    assert gate.threshold >= eager["kld_mean_nats"] * (1 + EAGER_KLD_SLACK)
+    assert first.drift.kld_mean_nats == pytest.approx(eager.kld_mean_nats, rel=1e-4)
+    assert gate.threshold >= eager.kld_mean_nats * (1 + EAGER_KLD_SLACK)
     second = verify(int4_onnx, DEFAULT_CHECKPOINT, texts["eval"], options)
-    assert second.eager == {**eager, "cache_hit": True} and second.timing["eager_seconds"] == 0
+    assert second.eager == replace(eager, cache_hit=True) and second.timing.eager_seconds == 0
     text = format_verify_report(second)
     assert re.search(r"^eager      \S+ \(its quantized checkpoint\) on the same windows: KLD [0-9.]+ ± [0-9.]+, "
                      r"top-1 [0-9.]+%, PPL ratio [0-9.]+ \(cached\)$", text, re.MULTILINE), text
@@ -326,7 +327,7 @@ def test_a_lowering_fault_in_one_layer_fails_max_kld_eager_with_exit_1(int4_onnx
     result = _verify_cli(faulty, texts["eval"])
     assert result.exit_code == 1, result.output
     verdict = result.stdout.strip().splitlines()[-1]  # KLD ~0.7: inside the int4 bounds, 2x its eager source's
-    assert re.fullmatch(r"FAIL: kld_mean [0-9.]+ > max_kld_eager [0-9.]+ \(the artifact drifts beyond its own "
+    assert re.fullmatch(r"FAIL: kld_mean_nats [0-9.]+ > max_kld_eager [0-9.]+ \(the artifact drifts beyond its own "
                         r"quantized checkpoint run eagerly: a fault in the lowering or the runtime, not the "
                         r"quantization\)", verdict), verdict
     assert "edgeforge: error:" in result.stderr and "Traceback" not in result.output
@@ -351,7 +352,7 @@ def test_an_artifact_whose_eager_source_changed_or_went_keeps_the_recipe_bounds_
     assert re.search(rf"^note       the quantized checkpoint {re.escape(str(source))} changed since this artifact was "
                      r"exported from it \(sha256 \w{12}, recorded \w{12}\): max_kld_eager not applied$",
                      changed.stdout, re.MULTILINE), changed.stdout
-    assert changed.stdout.strip().splitlines()[-1].startswith("PASS: kld_mean") and "max_kld_eager" not in \
+    assert changed.stdout.strip().splitlines()[-1].startswith("PASS: kld_mean_nats") and "max_kld_eager" not in \
         changed.stdout.strip().splitlines()[-1]
     shutil.rmtree(source)
     gone = _verify_cli(artifact, texts["eval"])
@@ -380,8 +381,8 @@ def test_pte_artifact_is_verified_in_executorch(texts, tmp_path):
     artifact = export(quantized, "host", tmp_path / "pte", max_seq_len=128, check=False)
     eager = verify(quantized, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
     report = verify(artifact.path, DEFAULT_CHECKPOINT, texts["eval"], VerifyOptions(seq_len=128, windows=4))
-    assert report.artifact["format"] == "pte" and report.reference_cache["hit"]
-    assert report.drift.kld_mean == pytest.approx(eager.drift.kld_mean, rel=0.1)
+    assert report.artifact.format == "pte" and report.reference_cache.hit
+    assert report.drift.kld_mean_nats == pytest.approx(eager.drift.kld_mean_nats, rel=0.1)
     assert report.gates[-1].gate == "max_kld_eager" and report.verdict == "pass", report.verdict_line
 
 
@@ -403,7 +404,7 @@ def test_artifact_from_the_broken_int8_weight_only_xnnpack_lowering_fails_verify
     result = _cli("verify", tmp_path / "pte", "--reference", reference, "--data", texts["eval"], *WINDOWS)
     assert result.exit_code == 1, result.output
     # a random model's distributions are nearly flat, so no absolute bound separates it: its eager source does
-    assert re.search(r"kld_mean [0-9.]+ > max_kld_eager [0-9.]+ \(the artifact drifts beyond its own quantized",
+    assert re.search(r"kld_mean_nats [0-9.]+ > max_kld_eager [0-9.]+ \(the artifact drifts beyond its own quantized",
                      result.stdout.strip().splitlines()[-1]), result.stdout
     eager = _cli("verify", tmp_path / "q", "--reference", reference, "--data", texts["eval"], *WINDOWS)
     assert eager.exit_code == 0, eager.output  # the same quantized weights, run eager, are fine

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -293,12 +294,22 @@ def end_of_sequence_ids(tokenizer) -> list[int]:
     return list(getattr(tokenizer, "eos_ids", ()))
 
 
-def tokenizer_policy(tokenizer) -> dict | None:
-    """What manifests record: the tokenizer's kind, whether encode adds BOS (and which), which ids end generation."""
+@dataclass(frozen=True)
+class TokenizerPolicy:
+    """What records say of a tokenizer: its kind, whether encode adds BOS (and which), which ids end generation."""
+
+    kind: str
+    adds_bos: bool
+    bos_id: int | None
+    eos_ids: list[int]
+
+
+def tokenizer_policy(tokenizer) -> TokenizerPolicy | None:
+    """The policy quantized checkpoints and artifacts record (None without a tokenizer)."""
     if tokenizer is None:
         return None
-    return {"kind": tokenizer.kind, "adds_bos": tokenizer.add_bos, "bos_id": tokenizer.bos_id,
-            "eos_ids": end_of_sequence_ids(tokenizer)}
+    return TokenizerPolicy(kind=tokenizer.kind, adds_bos=tokenizer.add_bos, bos_id=tokenizer.bos_id,
+                           eos_ids=end_of_sequence_ids(tokenizer))
 
 
 TOKENIZER_FILES = "tokenizer.json, tokenizer.model, tok*.model or tok*.bin"  # what find_tokenizer looks for

@@ -26,29 +26,27 @@ def export(model, target, format_, output, max_seq_len, json_path) -> None:
 
     artifact = run_export(model or DEFAULT_CHECKPOINT, target, output, format=format_, max_seq_len=max_seq_len,
                           progress=_progress)
-    manifest = artifact.manifest
-    report = manifest["report"]
-    click.echo(format_export_summary(artifact.path, manifest))
-    if "size_warning" in report:
-        click.echo(f"edgeforge: warning: {report['size_warning']}", err=True)
-    _emit_json({"artifact": str(artifact.path), **manifest}, json_path)
+    record = artifact.record
+    click.echo(format_export_summary(artifact.path, record))
+    if record.report.size_warning:
+        click.echo(f"edgeforge: warning: {record.report.size_warning}", err=True)
+    _emit_json({"artifact": str(artifact.path), **record.to_dict()}, json_path)
 
 
-def format_export_summary(path, manifest: dict) -> str:
-    """The export report as aligned lines."""
+def format_export_summary(path, record) -> str:
+    """The export report of an ``ArtifactRecord`` as aligned lines."""
     from edgeforge.export.guard import describe as describe_guard
 
-    report, guard = manifest["report"], manifest["guard"]
-    rows = [("artifact", f"{path / report['model_file']} ({manifest['format']}, {manifest['target']['name']}, "
-                         f"{manifest['scheme']})"),
-            ("size", f"{report['size_bytes']:,} bytes, {report['bytes_per_parameter']:.3f} bytes/parameter "
-                     f"({report['size_ratio_to_expected']:.2f}x what {manifest['scheme']} implies)")]
-    if "delegated_ops" in report:
-        outside = ", ".join(f"{op} x{n}" for op, n in report.get("ops_outside_delegate", {}).items()) or "none"
-        rows.append(("delegated", f"{report['delegated_ops']}/{report['total_ops']} ops, "
-                                  f"{report.get('delegated_parameter_share', 0):.1%} of parameters; outside: {outside}"))
-    rows.append(("guard", describe_guard(guard)))
-    rows.append(("export", f"{report['export_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"))
+    report = record.report
+    rows = [("artifact", f"{path / report.model_file} ({record.format}, {record.target.name}, {record.scheme})"),
+            ("size", f"{report.size_bytes:,} bytes, {report.bytes_per_parameter:.3f} bytes/parameter "
+                     f"({report.size_ratio_to_expected:.2f}x what {record.scheme} implies)")]
+    if report.delegated_ops is not None:
+        outside = ", ".join(f"{op} x{n}" for op, n in (report.ops_outside_delegate or {}).items()) or "none"
+        rows.append(("delegated", f"{report.delegated_ops}/{report.total_ops} ops, "
+                                  f"{report.delegated_parameter_share or 0:.1%} of parameters; outside: {outside}"))
+    rows.append(("guard", describe_guard(record.guard)))
+    rows.append(("export", f"{report.export_seconds:.1f} s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"))
     return "\n".join(f"{key:<10} {value}" for key, value in rows)
 
 

@@ -41,30 +41,26 @@ def forge(checkpoint, recipe, target, output, calib, data, samples, seq_len, max
     settings = ForgeSettings(**{key: value for key, value in given.items() if value is not None})
     result = run_forge(settings, output, progress=_progress)
     click.echo(format_forge_summary(result))
-    verify = result.report["verify"] or {}
-    if verify.get("verdict") == "fail":
-        from edgeforge.errors import GateFailed
-
-        raise GateFailed(verify.get("verdict_line", "a gate failed"))
+    verify = result.report.verify
+    if verify is not None:
+        verify.raise_for_gates()
 
 
 def format_forge_summary(result) -> str:
     """The headline figures of a forge run."""
     report = result.report
-    export, verify, bench = report["export"], report["verify"] or {}, report["bench"] or {}
-    lines = [f"artifact  {export['artifact']} ({export['format']}, {export['scheme']}, "
-             f"{export['report']['size_bytes']:,} bytes)"]
-    drift = verify.get("drift")
+    export, verify, bench = report.export, report.verify, report.bench
+    lines = [f"artifact  {export.artifact} ({export.format}, {export.scheme}, {export.report.size_bytes:,} bytes)"]
+    drift = verify.drift if verify else None
     if drift:
-        lines.append(f"drift     ppl {drift['ppl_ref']:.3f} -> {drift['ppl_test']:.3f} (x{drift['ppl_ratio']:.4f}), "
-                     f"KLD {drift['kld_mean_nats']:.5f} ± {drift['kld_mean_nats_sem']:.5f}, "
-                     f"same top token {drift['top1_agreement']:.2%}")
-    for model in bench.get("models", []):
-        decode = [t for t in model["tests"] if t["name"].startswith("tg")]
-        if decode:
-            lines.append(f"decode    {model['role']:<9} {decode[0]['tok_s']['median']:.1f} tok/s "
-                         f"(median ± IQR {decode[0]['tok_s']['iqr']:.1f}, n={decode[0]['tok_s']['n']})")
-    lines.append(f"verdict   {verify.get('verdict_line', 'not run')}")
+        lines.append(f"drift     ppl {drift.ppl_ref:.3f} -> {drift.ppl_test:.3f} (x{drift.ppl_ratio:.4f}), "
+                     f"KLD {drift.kld_mean_nats:.5f} ± {drift.kld_mean_nats_sem:.5f}, "
+                     f"same top token {drift.top1_agreement:.2%}")
+    for model in bench.models if bench else []:
+        decode = model.decode_test
+        lines.append(f"decode    {model.role:<9} {decode.tok_s.median:.1f} tok/s "
+                     f"(median ± IQR {decode.tok_s.iqr:.1f}, n={decode.tok_s.n})")
+    lines.append(f"verdict   {verify.verdict_line if verify else 'not run'}")
     lines.append(f"report    {result.output_dir / 'report.html'}"
                  + (f" (reused: {', '.join(result.reused)})" if result.reused else ""))
     return "\n".join(lines)

@@ -44,9 +44,10 @@ def generate(checkpoint: str | None, prompt: str, max_new_tokens: int, temperatu
     from edgeforge.checkpoints.tokenizers import TOKENIZER_FILES, end_of_sequence_ids
     from edgeforge.errors import InputError
     from edgeforge.generate import generate as run_generation
+    from edgeforge.models import architecture
 
     ckpt = _open(checkpoint)
-    if ckpt.architecture != "llama":
+    if not architecture(ckpt.architecture).generates_text:
         raise InputError(f"generate needs a decoder; this is a {ckpt.architecture} encoder", path=ckpt.path)
     if ckpt.tokenizer is None:
         raise InputError(f"no tokenizer ({TOKENIZER_FILES}) beside the checkpoint", path=ckpt.path)

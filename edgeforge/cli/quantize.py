@@ -20,7 +20,7 @@ from edgeforge.cli import main, _checkpoint_argument, _open, _progress, _emit_js
 @click.option("--target", "-t", help="Target (see `edgeforge targets`) whose runtime arithmetic calibration sees, "
                                      "e.g. onnx-cpu (default: XNNPACK's, as the ExecuTorch targets run).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Quantized checkpoint directory to write.")
-@click.option("--json", "json_path", metavar="FILE", help="Write the manifest and timing as JSON to FILE ('-' for stdout).")
+@click.option("--json", "json_path", metavar="FILE", help="Write the checkpoint's record and timing as JSON to FILE ('-' for stdout).")
 def quantize(checkpoint, recipe, calib, samples, seq_len, seed, target, output, json_path) -> None:
     """Quantize a checkpoint with a recipe and calibration text, block by block.
 
@@ -41,26 +41,26 @@ def quantize(checkpoint, recipe, calib, samples, seq_len, seed, target, output, 
     result = quantize_checkpoint(ckpt, chosen, calibration=calibration, output_dir=output, numerics=numerics,
                                  progress=_progress)
     click.echo(format_quantize_summary(result))
-    _emit_json({"output_dir": str(result.output_dir), "seconds": round(result.seconds, 3), **result.manifest},
+    _emit_json({"output_dir": str(result.output_dir), "seconds": round(result.seconds, 3), **result.record.to_dict()},
                json_path)
 
 
 def format_quantize_summary(result) -> str:
     """Per-layer sensitivity table plus totals."""
-    manifest = result.manifest
+    record = result.record
     rows = [f"{'layer':<28} {'scheme':<14} {'rel.err':>8} {'rtn':>8} {'sqnr dB':>8}"]
-    for name, layer in manifest["layers"].items():
-        scheme = layer["scheme"]
-        label = f"int{scheme['bits']} " + (f"g{scheme['group_size']}" if scheme["group_size"] else "per-ch")
-        if not scheme["symmetric"]:
+    for name, layer in record.layers.items():
+        scheme = layer.weight_scheme
+        label = f"int{scheme.bits} " + (f"g{scheme.group_size}" if scheme.group_size else "per-ch")
+        if not scheme.symmetric:
             label += " asym"
-        err, rtn = layer.get("rel_error"), layer.get("rel_error_rtn")
-        sqnr = layer.get("output_sqnr_db", layer.get("weight_sqnr_db"))
-        rows.append(f"{name:<28} {label:<14} {_num(err):>8} {_num(rtn):>8} {_num(sqnr, '.1f'):>8}")
-    recipe = manifest["recipe"]
-    rows.append(f"recipe {recipe['name']} ({recipe['algorithm']}, activations {recipe['activations']} as "
-                f"{manifest['activation_numerics']} rounds them), "
-                f"{len(manifest['fallbacks'])} fallback(s), {result.seconds:.1f} s -> {result.output_dir}")
+        sqnr = layer.output_sqnr_db if layer.output_sqnr_db is not None else layer.weight_sqnr_db
+        rows.append(f"{name:<28} {label:<14} {_num(layer.rel_error):>8} {_num(layer.rel_error_rtn):>8} "
+                    f"{_num(sqnr, '.1f'):>8}")
+    recipe = record.recipe
+    rows.append(f"recipe {recipe.name} ({recipe.algorithm}, activations {recipe.activations} as "
+                f"{record.activation_numerics} rounds them), "
+                f"{len(record.fallbacks)} fallback(s), {result.seconds:.1f} s -> {result.output_dir}")
     return "\n".join(rows)
 
 

@@ -43,7 +43,7 @@ def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_
     report = run_verify(artifact, reference, data, options, progress=_progress)
     if json_path != "-":
         click.echo(format_verify_report(report))
-    _emit_json(report.to_record(), json_path)
+    _emit_json(report.to_dict(), json_path)
     report.raise_for_gates()
 
 

@@ -10,6 +10,7 @@ before the directory is renamed into place; a wrong artifact is never written.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import shutil
 import time
@@ -19,15 +20,18 @@ from pathlib import Path
 
 from edgeforge import __version__
 from edgeforge.checkpoints.tokenizers import tokenizer_policy
-from edgeforge.errors import ConfigError
-from edgeforge.export.artifact import KIND, MANIFEST, SCHEMA_VERSION, Artifact, exporter_for, open_artifact
-from edgeforge.export.guard import check_decoder
+from edgeforge.errors import ConfigError, UnsupportedError
+from edgeforge.export.artifact import (MANIFEST, Artifact, ArtifactRecord, ArtifactSource, ExportReport, exporter_for,
+                                       open_artifact)
+from edgeforge.export.guard import check_decoder, check_encoder
 from edgeforge.export.source import ExportSource, open_fp32_reference, open_source
 from edgeforge.export.targets import Target, list_targets, load_target, supporting_targets
 from edgeforge.fileio import atomic_directory, write_json_atomic
+from edgeforge.models.architecture import DECODER, ENCODER, family_choice
 from edgeforge.quantize.modules import set_activation_numerics
+from edgeforge.records import decode
 
-__all__ = ["Artifact", "ExportSource", "Target", "export", "list_targets", "load_target", "open_artifact",
+__all__ = ["Artifact", "ArtifactRecord", "ExportSource", "Target", "export", "list_targets", "load_target", "open_artifact",
            "open_source"]
 
 SIZE_WARNING_RATIO = 1.25  # artifact bigger than this times what its scheme implies: layers left in fp32?
@@ -58,40 +62,36 @@ def export(source_path: str | Path, target: str | Target, output_dir: str | Path
     exporter = exporter_for(target.format)
     start = time.perf_counter()
     phase = _PhaseClock(say)
-    fp32_source = (source.manifest.get("source") or {}).get("path") if source.manifest else None
+    fp32_source = source.quantized.source.path if source.quantized else None
     with atomic_directory(output_dir, inputs=[source.path, *source.tokenizer_files, fp32_source]) as tmp:
         say(f"exporting {source.path} ({source.scheme}) for {target.name} ...")
-        report = exporter.export(source, target, tmp, max_seq_len=max_seq_len, phase=phase)
-        phase("files", "tokenizer, manifest")
+        fields = exporter.export(source, target, tmp, max_seq_len=max_seq_len, phase=phase)
+        phase("files", "tokenizer, record")
         for file in source.tokenizer_files:
             shutil.copyfile(file, tmp / file.name)
         if (source.path / "calibration.json").is_file():  # verify's overlap check reads it from the artifact
             shutil.copyfile(source.path / "calibration.json", tmp / "calibration.json")
-        manifest = _manifest(source, target, report, max_seq_len)
+        record = _record(source, target, _export_report(fields, exporter.name), max_seq_len)
+        guard = None
         if check and target.runs_here:
             phase("check", "the artifact in its runtime against the eager model")
-            session = exporter.open(tmp, manifest)
-            widened = report.get("guard_tolerance")  # the exporter's documented tolerance, kept in the manifest
-            tolerance = (widened["min_cosine"], widened["min_top1"]) if widened else None
-            if source.architecture == "llama":
-                fp32_model = (lambda: open_fp32_reference(source)) if source.manifest else None
-                manifest["guard"] = check_decoder(session, source.model, scheme=source.scheme,
-                                                  max_seq_len=max_seq_len, tolerance=tolerance,
-                                                  fp32_model=fp32_model, tokenizer=source.tokenizer)
-            else:
-                from edgeforge.export.guard import check_encoder
-
-                manifest["guard"] = check_encoder(session, source.model, source.tokenizer,
-                                                  scheme=source.scheme, tolerance=tolerance)
-        else:
-            manifest["guard"] = None
+            session = exporter.open(tmp, record)
+            widened = record.report.guard_tolerance  # the exporter's documented tolerance, kept in the record
+            tolerance = (widened.min_cosine, widened.min_top1) if widened else None
+            fp32_model = (lambda: open_fp32_reference(source)) if source.quantized else None
+            check = family_choice(source.architecture, {
+                DECODER: lambda: check_decoder(session, source.model, scheme=source.scheme, max_seq_len=max_seq_len,
+                                               tolerance=tolerance, fp32_model=fp32_model, tokenizer=source.tokenizer),
+                ENCODER: lambda: check_encoder(session, source.model, source.tokenizer, scheme=source.scheme,
+                                               tolerance=tolerance)}, "export guard")
+            guard = check()
         phase("size", "against what the scheme implies")
-        manifest["report"].update(_size_report(tmp / report["model_file"], source))
+        sizes = _size_report(tmp / record.report.model_file, source)
         phase.stop()
-        manifest["report"]["export_seconds"] = round(time.perf_counter() - start, 3)
-        manifest["report"]["phase_seconds"] = phase.seconds
-        manifest["report"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        write_json_atomic(tmp / MANIFEST, manifest)
+        report = dataclasses.replace(record.report, **sizes, export_seconds=round(time.perf_counter() - start, 3),
+                                     phase_seconds=phase.seconds,
+                                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        write_json_atomic(tmp / MANIFEST, dataclasses.replace(record, report=report, guard=guard).to_dict())
     return open_artifact(output_dir)
 
 
@@ -115,22 +115,28 @@ class _PhaseClock:
             self._running = None
 
 
-def _manifest(source: ExportSource, target: Target, report: dict, max_seq_len: int) -> dict:
+def _export_report(fields: dict, exporter: str) -> ExportReport:
+    """The typed report of an exporter's ``export()`` fields; UnsupportedError on a field the record lacks."""
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ExportReport)})
+    if unknown:
+        raise UnsupportedError(f"exporter {exporter!r} reports fields the artifact record has no place for: "
+                               f"{', '.join(unknown)}")
+    return decode(ExportReport, fields, where=f"exporter {exporter!r}'s report")
+
+
+def _record(source: ExportSource, target: Target, report: ExportReport, max_seq_len: int) -> ArtifactRecord:
     import torch
 
-    return {
-        "kind": KIND, "schema_version": SCHEMA_VERSION, "format": target.format, "target": target.to_dict(),
-        "architecture": source.architecture, "config": source.config.to_dict(), "scheme": source.scheme,
-        "max_seq_len": max_seq_len,
-        "source": {"path": str(source.path), "sha256": source.sha256,
-                   "recipe": source.manifest["recipe"]["name"] if source.manifest else None,
-                   "calibration": source.manifest.get("calibration") if source.manifest else None},
-        "tokenizer_files": [f.name for f in source.tokenizer_files],
-        "tokenizer": tokenizer_policy(source.tokenizer),  # runners prepend BOS only where adds_bos
-        "report": dict(report),
-        "versions": {"edgeforge": __version__, "torch": torch.__version__, **report.pop("versions", {})},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    quantized = source.quantized
+    return ArtifactRecord(
+        format=target.format, target=target, architecture=source.architecture, config=source.config.to_dict(),
+        scheme=source.scheme, max_seq_len=max_seq_len,
+        source=ArtifactSource(str(source.path), source.sha256, quantized.recipe.name if quantized else None,
+                              quantized.calibration if quantized else None),
+        tokenizer_files=[f.name for f in source.tokenizer_files],
+        tokenizer=tokenizer_policy(source.tokenizer),  # runners prepend BOS only where adds_bos
+        report=report, versions={"edgeforge": __version__, "torch": torch.__version__, **report.versions},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _size_report(model_file: Path, source: ExportSource) -> dict:
@@ -145,10 +151,12 @@ def _size_report(model_file: Path, source: ExportSource) -> dict:
     parameters = sum(t.numel() for name, t in state.items() if not name.endswith(("scale", "zero_point")))
     expected = 0
     for name, tensor in state.items():
-        if name.endswith(".qdata"):
-            layer = source.manifest["layers"][name.removesuffix(".qdata")]
-            expected += tensor.numel() * layer["scheme"]["bits"] / 8
-        elif name.endswith(("scale", "zero_point")):
+        layer, _, buffer = name.rpartition(".")
+        if buffer == "qdata":
+            expected += source.quantized.layers[layer].weight_scheme.stored_bytes(*tensor.shape)
+        elif buffer in ("scale", "zero_point") and f"{layer}.qdata" in state:
+            continue  # the weight's own qparams are in its stored_bytes
+        elif name.endswith(("scale", "zero_point")):  # activation qparams
             expected += tensor.numel() * tensor.element_size()
         else:
             expected += tensor.numel() * 4

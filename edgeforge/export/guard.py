@@ -25,6 +25,7 @@ import torch
 from edgeforge.errors import EdgeforgeError, GateFailed
 from edgeforge.export.tolerance import scheme_tolerance
 from edgeforge.quantize.metrics import kl_divergence_nats
+from edgeforge.records import described
 
 # Top-1 agreement counts a position where the artifact's top token is the eager top token, or one the eager
 # model finds as likely to within this many nats: a tie is not a disagreement (random-weight models are full
@@ -85,31 +86,42 @@ class DriftReport:
     top1_shortfall_bound: float
     passed: bool
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass(frozen=True, kw_only=True)
+class GuardResult:
+    """The artifact record's ``guard``: tier 1's figures (a decoder's over positions, an encoder's over
+    sentences), which test decided, and tier 2's figures when it ran. ``passed`` is the verdict (a refused
+    artifact is never written)."""
+
+    positions: int | None = described("decoder: positions compared (prefill and decode)", default=None)
+    sentences: int | None = described("encoder: sentences whose embeddings were compared", default=None)
+    min_cosine: float = described("lowest cosine between artifact and eager outputs")
+    max_abs_diff: float = described("largest absolute difference between them")
+    top1_agreement: float | None = described("decoder: share of positions whose top token agrees", default=None)
+    passed: bool = described("the verdict")
+    test: str = described("which test decided: eager | fp32-drift", default="eager")
+    fp32_drift: DriftReport | None = described("tier 2's figures, None where tier 1 passed", default=None)
 
 
-def guard_record(test: str, eager: GuardReport | EncoderGuardReport, drift: DriftReport | None = None) -> dict:
-    """The manifest's ``guard``: the tier-1 figures, which test decided (``eager`` | ``fp32-drift``) and
-    tier 2's figures when it ran. ``passed`` is the verdict (a refused artifact is never written)."""
-    return {**eager.to_dict(), "test": test, "passed": True, "fp32_drift": drift.to_dict() if drift else None}
+def guard_record(test: str, eager: GuardReport | EncoderGuardReport, drift: DriftReport | None = None) -> GuardResult:
+    """The artifact record's ``guard`` of a passed check."""
+    return GuardResult(**{**asdict(eager), "passed": True}, test=test, fp32_drift=drift)
 
 
-def describe(guard: dict | None) -> str:
+def describe(guard: GuardResult | None) -> str:
     """The guard's verdict in one line, for summaries."""
     if guard is None:
         return "not run: the target does not execute on this machine"
-    if "sentences" in guard:  # an encoder's: embeddings of fixed sentences
-        return f"passed against the eager model: min cosine {guard['min_cosine']:.5f} over {guard['sentences']} sentences"
-    eager = (f"min cosine {guard['min_cosine']:.5f}, top-1 {guard['top1_agreement']:.3f} over "
-             f"{guard['positions']} positions")
-    drift = guard.get("fp32_drift")
-    if guard.get("test", "eager") == "eager" or not drift:
+    if guard.sentences is not None:  # an encoder's: embeddings of fixed sentences
+        return f"passed against the eager model: min cosine {guard.min_cosine:.5f} over {guard.sentences} sentences"
+    eager = f"min cosine {guard.min_cosine:.5f}, top-1 {guard.top1_agreement:.3f} over {guard.positions} positions"
+    drift = guard.fp32_drift
+    if guard.test == "eager" or not drift:
         return f"passed against the eager model: {eager}"
     return (f"passed on drift from fp32 (against eager: {eager}, outside tolerance): mean KLD "
-            f"{drift['kld_artifact_mean']:.4f} vs eager {drift['kld_eager_mean']:.4f} nats (excess "
-            f"{drift['kld_excess_mean']:+.4f} <= {drift['kld_excess_bound']:.4f}), top-1 with fp32 "
-            f"{drift['top1_artifact']:.3f} vs eager {drift['top1_eager']:.3f} over {drift['positions']} positions")
+            f"{drift.kld_artifact_mean:.4f} vs eager {drift.kld_eager_mean:.4f} nats (excess "
+            f"{drift.kld_excess_mean:+.4f} <= {drift.kld_excess_bound:.4f}), top-1 with fp32 "
+            f"{drift.top1_artifact:.3f} vs eager {drift.top1_eager:.3f} over {drift.positions} positions")
 
 
 def fixed_sequence(vocab_size: int, length: int, seed: int = 1234) -> torch.Tensor:
@@ -202,8 +214,8 @@ def check_drift(session, eager_model, fp32_model, tokenizer, *, max_seq_len: int
 
 def check_decoder(session, eager_model, *, scheme: str, max_seq_len: int, prefill: int = 64, decode: int = 32,
                   tolerance: tuple[float, float] | None = None,
-                  fp32_model: Callable[[], torch.nn.Module] | None = None, tokenizer=None) -> dict:
-    """Judge a decoder artifact (tier 1, then tier 2 if it fails); the manifest's ``guard`` record, or
+                  fp32_model: Callable[[], torch.nn.Module] | None = None, tokenizer=None) -> GuardResult:
+    """Judge a decoder artifact (tier 1, then tier 2 if it fails); the record's ``guard``, or
     GateFailed naming the tests and their figures. ``fp32_model`` loads the fp32 model a quantized source
     came from (raising EdgeforgeError when it cannot), only if tier 2 runs; None: tier 1 alone decides."""
     prefill = min(prefill, max_seq_len // 2)
@@ -250,14 +262,11 @@ class EncoderGuardReport:
     max_abs_diff: float
     passed: bool
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @torch.no_grad()
 def check_encoder(session, eager_model, tokenizer, *, scheme: str,
-                  tolerance: tuple[float, float] | None = None) -> dict:
-    """Compare a sentence-embedding artifact with the eager encoder on fixed sentences; the guard record
+                  tolerance: tuple[float, float] | None = None) -> GuardResult:
+    """Compare a sentence-embedding artifact with the eager encoder on fixed sentences; the record's ``guard``
     (``tolerance``'s minimum cosine replaces the scheme's; its top-1 does not apply)."""
     inputs = tokenizer.encode_batch(list(GUARD_SENTENCES), max_length=eager_model.config.max_seq_len)
     reference = eager_model(*inputs).float()

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeforge.errors import ConfigError, UnknownNameError
-from edgeforge.export.artifact import EXPORTERS
 from edgeforge.fileio import named_toml, read_toml
 from edgeforge.quantize.activations import DEFAULT_NUMERICS, ActivationNumerics
 
@@ -42,6 +41,8 @@ def list_targets() -> dict[str, Path]:
 
 def load_target(name_or_path: str | Path) -> Target:
     """A bundled target by name, or a target TOML file by path."""
+    from edgeforge.export.artifact import EXPORTERS  # the artifact record holds a Target
+
     path = named_toml(name_or_path, TARGET_DIR, "target")
     data = read_toml(path)
     unknown = sorted(set(data) - _KEYS)
@@ -61,18 +62,6 @@ def load_target(name_or_path: str | Path) -> Target:
                   latency=data["latency"],
                   description=data.get("description", ""), runs_here=bool(data.get("runs_here", True)),
                   activation_numerics=numerics)
-
-
-def scheme_name(manifest: dict | None) -> str:
-    """Short name of a quantized checkpoint's linear scheme: fp32, 8da4w, 8da8w, 4w, 8w or w8a8-static."""
-    if manifest is None:
-        return "fp32"
-    recipe = manifest["recipe"]
-    bits = recipe["weights"]["bits"]
-    activations = recipe["activations"]
-    if activations == "static_int8":
-        return f"w{bits}a8-static"
-    return f"8da{bits}w" if activations == "dynamic_int8" else f"{bits}w"
 
 
 def supporting_targets(scheme: str, format: str | None = None) -> list[str]:

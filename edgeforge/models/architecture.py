@@ -9,7 +9,15 @@ An architecture (``edgeforge.architectures`` entry points: ``llama`` decoder, ``
   drift windows alike);
 - ``walk(checkpoint, seq_len)``: a :class:`Walk` over the model one :class:`Block` at a time, each with its
   groups of linears that share an input (:class:`Group`), how scales fold into the op producing it, and the
-  forward of the block, so the quantizer never holds more than one block of weights.
+  forward of the block, so the quantizer never holds more than one block of weights;
+- what the later stages decide by it: ``family`` (the graph the exporters build, the session that runs it,
+  the export guard's check and verify's measurement are looked up by it), ``generates_text`` (generate,
+  bench and the runtimes' LLM runners need it), ``gates`` (the verify gates that apply),
+  ``genai_model_type`` (onnxruntime-genai's model type, None: no genai files) and
+  ``quantized_activation_tolerance`` (the export guard's widened limits when activations are quantized).
+
+Adding an architecture is adding its file and entry point; one of an existing family reuses that family's
+graphs, sessions, guard and measurement.
 """
 
 from __future__ import annotations
@@ -17,12 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
 
+from edgeforge.errors import UnsupportedError
 from edgeforge.registry import Registry
+
+T = TypeVar("T")
 
 
 class Absorb(Enum):
@@ -74,10 +85,19 @@ class Walk(Protocol):
         """The blocks in order, each loaded when reached."""
 
 
+DECODER = "decoder"  # token ids -> next-token logits, through a static KV cache
+ENCODER = "encoder"  # token ids and attention mask -> one embedding per sentence
+
+
 class Architecture(Protocol):
     name: str
     embedding: str
     model_class: type[nn.Module]
+    family: str  # DECODER or ENCODER
+    generates_text: bool
+    gates: tuple[str, ...]  # verify's gate names (edgeforge.verify.verify.GATES) that apply
+    genai_model_type: str | None
+    quantized_activation_tolerance: dict | None  # {"min_cosine", "min_top1", "reason"}; None: the scheme's own
 
     def quantized_config(self, config): ...
 
@@ -89,6 +109,16 @@ class Architecture(Protocol):
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architectures", "architecture", make=lambda cls: cls())
+
+
+def family_choice(name: str, choices: dict[str, T], what: str, *, path=None) -> T:
+    """``choices[family]`` for the architecture called ``name`` (a stage's graph builder, session, check or
+    measurement per family); UnsupportedError (naming ``path`` if given) when its family has no ``what``."""
+    family = ARCHITECTURES.get(name).family
+    if family not in choices:
+        raise UnsupportedError(f"architecture {name!r} is a {family}: no {what} for it "
+                               f"(there is one for: {', '.join(choices)})", path=path)
+    return choices[family]
 
 
 def load_block(block: nn.Module, tensors, prefix: str) -> nn.Module:

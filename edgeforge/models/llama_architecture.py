@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeforge.models.architecture import Absorb, Block, Group, captured_input, load_block
+from edgeforge.models.architecture import DECODER, Absorb, Block, Group, captured_input, load_block
 from edgeforge.models.llama import RMSNorm, Transformer, TransformerBlock, rope_tables
 
 HEAD = (Group(("output",), "norm", Absorb.NORM),)
@@ -24,6 +24,13 @@ class LlamaDecoder:
     name = "llama"
     embedding = "tok_embeddings"
     model_class = Transformer
+    family = DECODER
+    generates_text = True
+    gates = ("max_kld", "min_top1", "max_ppl_ratio")
+    genai_model_type = "llama"
+    # Every quantized linear matches the runtime's numerics to float32 summation order, and where chaos over
+    # many layers still moves top tokens the guard's second tier judges the artifact's drift from fp32 instead.
+    quantized_activation_tolerance = None
 
     def quantized_config(self, config):
         """A quantized copy stores its own output head (never tied to the embedding)."""

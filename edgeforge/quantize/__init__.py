@@ -4,9 +4,10 @@
     from edgeforge.quantize.calibration import build_calibration
 """
 
-from edgeforge.quantize.checkpoint import load_quantized_model, read_manifest, weight_files
+from edgeforge.quantize.checkpoint import load_quantized_model, weight_files
 from edgeforge.quantize.driver import QuantizeResult, plan_layers, quantize_checkpoint
 from edgeforge.quantize.recipe import Recipe, list_recipes, load_recipe
+from edgeforge.quantize.record import QuantizedCheckpoint, read_quantized
 
-__all__ = ["QuantizeResult", "Recipe", "list_recipes", "load_quantized_model", "load_recipe", "plan_layers",
-           "quantize_checkpoint", "read_manifest", "weight_files"]
+__all__ = ["QuantizeResult", "QuantizedCheckpoint", "Recipe", "list_recipes", "load_quantized_model", "load_recipe",
+           "plan_layers", "quantize_checkpoint", "read_quantized", "weight_files"]

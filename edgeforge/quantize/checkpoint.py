@@ -7,7 +7,7 @@
                         everything else (norms, layers kept in full precision) as NAME.weight, float32.
                         Beyond SHARD_BYTES: model-0000k-of-0000n.safetensors + model.safetensors.index.json,
                         the Hugging Face layout, written shard by shard while quantizing.
-    edgeforge.json      manifest: source hash, recipe, calibration, activation numerics (whose run-time rounding
+    edgeforge.json      the record (QuantizedCheckpoint, quantize/record.py): source hash, recipe, calibration, activation numerics (whose run-time rounding
                         calibration saw, and the loaded model computes by default), tool versions, per-layer
                         schemes and stats
     calibration.json    fingerprints of the calibration documents (for verify's overlap check)
@@ -25,17 +25,15 @@ from edgeforge.checkpoints import Checkpoint, LazyTensors, checkpoint_format
 from edgeforge.checkpoints.hf import safetensors_files
 from edgeforge.checkpoints.tokenizers import find_tokenizer
 from edgeforge.errors import InputError
-from edgeforge.fileio import content_files, read_json, write_json_atomic
+from edgeforge.fileio import content_files, write_json_atomic
 from edgeforge.models import model_class
-from edgeforge.quantize.activations import DEFAULT_NUMERICS, ActivationNumerics
+from edgeforge.quantize.activations import ActivationNumerics
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear, set_module
 from edgeforge.quantize.scheme import (ActivationScheme, QuantizedWeight, WeightScheme, dequantize, pack_int4,
                                        unpack_int4)
+from edgeforge.quantize.record import MANIFEST, QuantizedCheckpoint, read_quantized
 
-MANIFEST = "edgeforge.json"
 QUANTIZED_SUFFIXES = ("qweight", "scale", "zero_point", "input_scale", "input_zero_point", "input_multiplier", "bias")
-KIND = "edgeforge.quantized_checkpoint"
-SCHEMA_VERSION = 1
 SHARD_BYTES = 128 * 2**20  # a quantizer holds at most about this much finished output (x2 while a shard is written)
 
 
@@ -99,27 +97,15 @@ class ShardWriter:
                           {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def save_quantized(tmp: Path, *, manifest: dict, fingerprints: tuple[str, ...] | None, tokenizer) -> None:
+def save_quantized(tmp: Path, *, record: QuantizedCheckpoint, fingerprints: tuple[str, ...] | None, tokenizer) -> None:
     """Write what goes beside the weights into the (temporary) checkpoint directory (the tokenizer as
     find_tokenizer reads it back: a GGUF's vocabulary becomes a tokenizer.json)."""
     from edgeforge.checkpoints.tokenizers import save_tokenizer
 
-    write_json_atomic(tmp / MANIFEST, manifest)
+    write_json_atomic(tmp / MANIFEST, record.to_dict())
     if fingerprints is not None:
         write_json_atomic(tmp / "calibration.json", {"document_fingerprints": list(fingerprints)})
     save_tokenizer(tokenizer, tmp)
-
-
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a quantized checkpoint directory, checked for kind and schema version."""
-    manifest_path = Path(path) / MANIFEST
-    if not manifest_path.exists():
-        raise InputError(f"not an edgeforge quantized checkpoint (no {MANIFEST})", path=path)
-    manifest = read_json(manifest_path)
-    if manifest.get("kind") != KIND or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise InputError(f"expected kind {KIND!r} schema {SCHEMA_VERSION}, found {manifest.get('kind')!r} "
-                         f"schema {manifest.get('schema_version')!r}", path=manifest_path)
-    return manifest
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -148,34 +134,23 @@ def _quantized_weight(tensors: dict, name: str, scheme: WeightScheme, path: Path
         raise InputError(f"missing tensor {exc.args[0]}", path=path) from None
 
 
-def manifest_config(manifest: dict):
-    """The model config (LlamaConfig or BertConfig) a manifest records."""
-    architecture = manifest.get("architecture", "llama")
-    return model_class(architecture).config_class.from_dict(manifest["config"])
-
-
-def manifest_numerics(manifest: dict) -> ActivationNumerics:
-    """The activation numerics a checkpoint was calibrated with (DEFAULT_NUMERICS for a manifest without one)."""
-    return ActivationNumerics.from_name(manifest.get("activation_numerics", DEFAULT_NUMERICS.value))
-
-
 def load_quantized_model(path: str | Path, *, numerics: ActivationNumerics | None = None) -> torch.nn.Module:
     """The eager quantized model: the model core with QuantizedLinear/QuantizedEmbedding modules swapped in,
     computing as ``numerics``' runtime does (default: the numerics the checkpoint was calibrated with)."""
     path = Path(path)
-    manifest = read_manifest(path)
-    numerics = numerics or manifest_numerics(manifest)
-    config = manifest_config(manifest)
+    record = read_quantized(path)
+    numerics = numerics or record.numerics
+    config = record.model_config()
     tensors = _read_tensors(path)
     with torch.device("meta"):
-        model = model_class(manifest["architecture"])(config)
-    for name, layer in manifest["layers"].items():
-        scheme = WeightScheme.from_dict(layer["scheme"])
+        model = model_class(record.architecture)(config)
+    for name, layer in record.layers.items():
+        scheme = layer.weight_scheme
         weight = _quantized_weight(tensors, name, scheme, path)
         if isinstance(model.get_submodule(name), torch.nn.Embedding):
             set_module(model, name, QuantizedEmbedding(weight, scheme))
             continue
-        activations = ActivationScheme(layer["activations"])
+        activations = ActivationScheme(layer.activations)
         input_qparams = None
         if activations is ActivationScheme.STATIC_INT8:
             input_qparams = (tensors[f"{name}.input_scale"][0], tensors[f"{name}.input_zero_point"][0])
@@ -183,7 +158,7 @@ def load_quantized_model(path: str | Path, *, numerics: ActivationNumerics | Non
                                                 bias=tensors.get(f"{name}.bias"),
                                                 input_multiplier=tensors.get(f"{name}.input_multiplier"),
                                                 numerics=numerics))
-    quantized = {f"{name}.{suffix}" for name in manifest["layers"] for suffix in QUANTIZED_SUFFIXES}
+    quantized = {f"{name}.{suffix}" for name in record.layers for suffix in QUANTIZED_SUFFIXES}
     plain = {k: v for k, v in tensors.items() if k not in quantized}
     missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in plain]
     if missing:
@@ -201,30 +176,29 @@ def _is_quantized_dir(path: Path) -> bool:
 @checkpoint_format("edgeforge", detect=_is_quantized_dir)
 def open_quantized(path: Path) -> Checkpoint:
     """A quantized checkpoint seen as a plain one: weights dequantized to float32 on read (for inspect)."""
-    manifest = read_manifest(path)
-    config = manifest_config(manifest)
+    record = read_quantized(path)
+    config = record.model_config()
     stored = _read_tensors(path)
     lazy = LazyTensors(path)
-    for name, layer in manifest["layers"].items():
-        scheme = WeightScheme.from_dict(layer["scheme"])
+    for name, layer in record.layers.items():
+        scheme = layer.weight_scheme
         weight = _quantized_weight(stored, name, scheme, path)
         multiplier = stored.get(f"{name}.input_multiplier", 1.0)  # the weight as the layer applies it to x
         lazy.add(f"{name}.weight", weight.qdata.shape, f"INT{scheme.bits}",
                  lambda w=weight, m=multiplier: dequantize(w.qdata, w.scale, w.zero_point) * m)
-    quantized = {f"{name}.{suffix}" for name in manifest["layers"] for suffix in QUANTIZED_SUFFIXES if suffix != "bias"}
+    quantized = {f"{name}.{suffix}" for name in record.layers for suffix in QUANTIZED_SUFFIXES if suffix != "bias"}
     for name, tensor in stored.items():
         if name not in quantized:
             lazy.add(name, tensor.shape, "F32", lambda t=tensor: t)
     counts: dict[str, int] = {}
-    for layer in manifest["layers"].values():
-        scheme = layer["scheme"]
-        key = f"int{scheme['bits']} " + (f"g{scheme['group_size']}" if scheme["group_size"] else "per-channel")
+    for layer in record.layers.values():
+        scheme = layer.weight_scheme
+        key = f"int{scheme.bits} " + (f"g{scheme.group_size}" if scheme.group_size else "per-channel")
         counts[key] = counts.get(key, 0) + 1
-    quantization = {"recipe": manifest["recipe"]["name"], "algorithm": manifest["recipe"]["algorithm"],
-                    "activations": manifest["recipe"]["activations"],
-                    "activation_numerics": manifest_numerics(manifest).value,
+    quantization = {"recipe": record.recipe.name, "algorithm": record.recipe.algorithm,
+                    "activations": record.recipe.activations, "activation_numerics": record.numerics.value,
                     "layers": ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))}
     files = content_files(path)  # what content_hash covers, as for an artifact directory
-    return Checkpoint(path=path, format="edgeforge", architecture=manifest["architecture"], config=config, tensors=lazy,
+    return Checkpoint(path=path, format="edgeforge", architecture=record.architecture, config=config, tensors=lazy,
                       tokenizer=find_tokenizer(path, vocab_size=config.vocab_size), files=files,
-                      metadata={"quantization": quantization, "source": manifest["source"]["path"]})
+                      metadata={"quantization": quantization, "source": record.source.path})

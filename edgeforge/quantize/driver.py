@@ -45,12 +45,14 @@ from edgeforge.quantize.activations import (
 )
 from edgeforge.quantize.algorithms import GroupStatistics, Rtn
 from edgeforge.quantize.calibration import CalibrationSet
-from edgeforge.quantize.checkpoint import KIND, SCHEMA_VERSION, ShardWriter, layer_tensors, save_quantized
+from edgeforge.quantize.checkpoint import ShardWriter, layer_tensors, save_quantized
 from edgeforge.quantize.fold import fold_group_scales
 from edgeforge.quantize.gptq import HessianAccumulator
 from edgeforge.quantize.metrics import energy_sqnr_db
 from edgeforge.quantize.modules import QuantizedLinear, runtime_weight_scale, set_module
 from edgeforge.quantize.recipe import Recipe
+from edgeforge.quantize.record import (CalibrationRecord, CheckpointSource, QuantizedCheckpoint, QuantizedLayer,
+                                       RecipeRecord)
 from edgeforge.quantize.rtn import rtn_quantize
 from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, WeightScheme, dequantize
 
@@ -72,7 +74,7 @@ class LayerPlan:
 @dataclass
 class QuantizeResult:
     output_dir: Path
-    manifest: dict
+    record: QuantizedCheckpoint
     seconds: float
 
 
@@ -127,22 +129,19 @@ def quantize_checkpoint(checkpoint: Checkpoint, recipe: Recipe, *, calibration: 
                 say(f"fallback {plan.name}: {plan.note}")
         stats = _BlockQuantizer(checkpoint, model, recipe, plans, calibration, weights, numerics).run(say)
         weights.close()
-        manifest = {
-            "kind": KIND, "schema_version": SCHEMA_VERSION, "architecture": checkpoint.architecture,
-            "config": model.quantized_config(checkpoint.config).to_dict(),
-            "source": {"path": str(checkpoint.path), "format": checkpoint.format, "sha256": checkpoint.content_hash()},
-            "recipe": recipe.to_dict(),
-            "calibration": calibration.describe() if calibration is not None else None,
-            "tokenizer": tokenizer_policy(checkpoint.tokenizer),
-            "activation_numerics": numerics.value,
-            "layers": stats,
-            "fallbacks": {p.name: p.note for p in plans.values() if p.note},
-            "versions": {"edgeforge": __version__, "torch": torch.__version__, **package_versions("torchao")},
-        }
-        save_quantized(tmp, manifest=manifest,
+        record = QuantizedCheckpoint(
+            architecture=checkpoint.architecture, config=model.quantized_config(checkpoint.config).to_dict(),
+            source=CheckpointSource(str(checkpoint.path), checkpoint.format, checkpoint.content_hash()),
+            recipe=RecipeRecord(**recipe.to_dict()),
+            calibration=CalibrationRecord(**calibration.describe()) if calibration is not None else None,
+            tokenizer=tokenizer_policy(checkpoint.tokenizer), activation_numerics=numerics.value,
+            layers={name: QuantizedLayer(**layer) for name, layer in stats.items()},
+            fallbacks={p.name: p.note for p in plans.values() if p.note},
+            versions={"edgeforge": __version__, "torch": torch.__version__, **package_versions("torchao")})
+        save_quantized(tmp, record=record,
                        fingerprints=calibration.document_fingerprints if calibration is not None else None,
                        tokenizer=checkpoint.tokenizer)
-    return QuantizeResult(Path(output_dir), manifest, time.perf_counter() - start)
+    return QuantizeResult(Path(output_dir), record, time.perf_counter() - start)
 
 
 class _BlockQuantizer:

@@ -7,8 +7,14 @@ import base64
 import html
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeforge.fileio import write_text_atomic
+
+if TYPE_CHECKING:
+    from edgeforge.report.record import ExportStage, ForgeReport, QuantizeStage
+    from edgeforge.verify.bench_record import BenchReport
+    from edgeforge.verify.report import VerifyReport
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:72rem;color:#1b1f24;padding:0 1rem}
@@ -20,17 +26,16 @@ img{max-width:100%;border:1px solid #d0d7de;margin:.5rem 0}
 """
 
 
-def render_html(report: dict) -> str:
+def render_html(report: ForgeReport) -> str:
     """The report as one HTML document."""
-    sections = [_summary(report), _quantize_section(report.get("quantize")), _export_section(report.get("export")),
-                _verify_section(report.get("verify")), _bench_section(report.get("bench")), _provenance(report)]
-    title = f"edgeforge report: {Path(report['source']['path']).name} · {report['recipe']['name']} · " \
-            f"{report['target']['name']}"
+    sections = [_summary(report), _quantize_section(report.quantize), _export_section(report.export),
+                _verify_section(report.verify), _bench_section(report.bench), _provenance(report)]
+    title = f"edgeforge report: {Path(report.source.path).name} · {report.recipe.name} · {report.target.name}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_STYLE}</style>"
             f"</head><body><h1>{_e(title)}</h1>{''.join(s for s in sections if s)}</body></html>")
 
 
-def write_html(report: dict, path: str | Path) -> None:
+def write_html(report: ForgeReport, path: str | Path) -> None:
     write_text_atomic(path, render_html(report))
 
 
@@ -67,45 +72,42 @@ def _figure(width: float, height: float):
     return plt.subplots(figsize=(width, height))
 
 
-def _summary(report: dict) -> str:
-    verify, bench, export = report.get("verify") or {}, report.get("bench") or {}, report.get("export") or {}
-    verdict = verify.get("verdict", "not run")
+def _summary(report: ForgeReport) -> str:
+    verify, bench, export = report.verify, report.bench, report.export
+    verdict = verify.verdict if verify else "not run"
     css = "pass" if verdict == "pass" else "fail" if verdict == "fail" else "muted"
-    rows = [["source", report["source"]["path"]], ["recipe", f"{report['recipe']['name']}: "
-                                                   f"{report['recipe'].get('description', '')}"],
-            ["target", f"{report['target']['name']}: {report['target'].get('description', '')}"]]
+    rows = [["source", report.source.path], ["recipe", f"{report.recipe.name}: {report.recipe.description}"],
+            ["target", f"{report.target.name}: {report.target.description}"]]
     if export:
-        size = export.get("report", {})
-        rows.append(["artifact", f"{export.get('artifact')} ({size.get('size_bytes', 0):,} bytes, "
-                                 f"{size.get('bytes_per_parameter', 0):.3f} bytes/parameter)"])
-    stages = ", ".join(f"{name} {t['seconds']:.1f} s{' (reused)' if t['reused'] else ''}"
-                       for name, t in report.get("stages", {}).items())
+        size = export.report
+        rows.append(["artifact", f"{export.artifact} ({size.size_bytes or 0:,} bytes, "
+                                 f"{size.bytes_per_parameter or 0:.3f} bytes/parameter)"])
+    stages = ", ".join(f"{name} {timing.seconds:.1f} s{' (reused)' if timing.reused else ''}"
+                       for name, timing in report.stages.items())
     rows.append(["stages", stages])
-    line = verify.get("verdict_line", "")
+    line = verify.verdict_line if verify else ""
     speed = ""
-    for model in bench.get("models", []):
-        if model.get("role") != "reference":
-            decode = [t for t in model.get("tests", []) if t["name"].startswith("tg")]
-            if decode and decode[0].get("speedup"):
-                speed = f"decode {decode[0]['tok_s']['median']:.1f} tok/s, {decode[0]['speedup']['median']:.2f}x the fp32 reference"
+    candidate_decode = bench.candidate.decode_test if bench else None
+    if candidate_decode and candidate_decode.speedup:
+        speed = (f"decode {candidate_decode.tok_s.median:.1f} tok/s, {candidate_decode.speedup.median:.2f}x the fp32 "
+                 "reference")
     return (f"<p class='{css}'>{_e(line or verdict)}</p>" + (f"<p>{_e(speed)}</p>" if speed else "")
             + _table(["", ""], rows, numeric_from=9))
 
 
-def _quantize_section(quantize: dict | None) -> str:
+def _quantize_section(quantize: QuantizeStage | None) -> str:
     if not quantize:
         return ""
-    layers = quantize["layers"]
-    rows = [[name, f"int{l['scheme']['bits']} " + (f"g{l['scheme']['group_size']}" if l["scheme"]["group_size"]
-                                                   else "per-channel"),
-             _fmt(l.get("rel_error")), _fmt(l.get("rel_error_rtn")),
-             _fmt(l.get("output_sqnr_db", l.get("weight_sqnr_db")), ".1f"), l.get("fallback", "")]
+    layers = quantize.layers
+    rows = [[name, f"int{l.scheme['bits']} " + (f"g{l.scheme['group_size']}" if l.scheme["group_size"]
+                                                else "per-channel"),
+             _fmt(l.rel_error), _fmt(l.rel_error_rtn),
+             _fmt(l.output_sqnr_db if l.output_sqnr_db is not None else l.weight_sqnr_db, ".1f"), l.fallback or ""]
             for name, l in layers.items()]
-    plot = ""
-    measured = [(name, l["rel_error"], l["rel_error_rtn"]) for name, l in layers.items() if "rel_error" in l]
+    measured = [(name, l.rel_error, l.rel_error_rtn) for name, l in layers.items() if l.rel_error is not None]
     if not measured:  # data-free recipe: no calibration inputs, so the weight SQNR per layer
         figure, axis = _figure(10, max(2.5, 0.18 * len(layers)))
-        axis.barh(range(len(layers)), [l["weight_sqnr_db"] for l in layers.values()], color="#1f6feb")
+        axis.barh(range(len(layers)), [l.weight_sqnr_db for l in layers.values()], color="#1f6feb")
         axis.set_yticks(range(len(layers)), list(layers), fontsize=7)
         axis.invert_yaxis()
         axis.set_xlabel("weight SQNR (dB), higher is better")
@@ -115,95 +117,93 @@ def _quantize_section(quantize: dict | None) -> str:
         positions = range(len(measured))
         axis.barh([p + 0.2 for p in positions], [m[2] for m in measured], height=0.4, label="round-to-nearest",
                   color="#bbbbbb")
-        axis.barh([p - 0.2 for p in positions], [m[1] for m in measured], height=0.4,
-                  label=quantize.get("algorithm", "edgeforge"), color="#1f6feb")
+        axis.barh([p - 0.2 for p in positions], [m[1] for m in measured], height=0.4, label=quantize.algorithm,
+                  color="#1f6feb")
         axis.set_yticks(list(positions), [m[0] for m in measured], fontsize=7)
         axis.invert_yaxis()
         axis.set_xlabel("relative output error on calibration inputs")
         axis.legend()
         plot = _png(figure)
-    calibration = quantize.get("calibration") or {}
-    note = (f"calibration: {calibration.get('samples')} x {calibration.get('seq_len')} tokens from "
-            f"{calibration.get('source')} (sha256 {str(calibration.get('sha256'))[:12]}...)" if calibration
+    calibration = quantize.calibration
+    note = (f"calibration: {calibration.samples} x {calibration.seq_len} tokens from "
+            f"{calibration.source} (sha256 {calibration.sha256[:12]}...)" if calibration
             else "data-free recipe: no calibration text")
-    return (f"<h2>Quantization</h2><p>{_e(note)}; {quantize.get('seconds', 0):.1f} s</p>{plot}"
+    return (f"<h2>Quantization</h2><p>{_e(note)}; {quantize.seconds:.1f} s</p>{plot}"
             + _table(["layer", "scheme", "rel. error", "RTN rel. error", "SQNR dB", "fallback"], rows, numeric_from=2))
 
 
-def _export_section(export: dict | None) -> str:
+def _export_section(export: ExportStage | None) -> str:
     from edgeforge.export.guard import describe as describe_guard
 
     if not export:
         return ""
-    report, guard = export["report"], export.get("guard")
-    rows = [["artifact", export["artifact"]], ["format / scheme", f"{export['format']} / {export['scheme']}"],
-            ["size", f"{report['size_bytes']:,} bytes ({report['size_ratio_to_expected']:.2f}x what the scheme implies)"],
-            ["parameters", f"{report['parameters']:,} ({report['bytes_per_parameter']:.3f} bytes each)"],
-            ["KV cache length", export.get("max_seq_len")],
-            ["export", f"{report['export_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"]]
-    if "delegated_ops" in report:
-        outside = ", ".join(f"{op} x{n}" for op, n in report.get("ops_outside_delegate", {}).items()) or "none"
-        rows.append(["delegation", f"{report['delegated_ops']}/{report['total_ops']} ops, "
-                                   f"{report.get('delegated_parameter_share', 0):.1%} of parameters; outside: {outside}"])
-    if guard:
-        rows.append(["export guard", describe_guard(guard)])
-    if "size_warning" in report:
-        rows.append(["warning", report["size_warning"]])
+    report = export.report
+    rows = [["artifact", export.artifact], ["format / scheme", f"{export.format} / {export.scheme}"],
+            ["size", f"{report.size_bytes:,} bytes ({report.size_ratio_to_expected:.2f}x what the scheme implies)"],
+            ["parameters", f"{report.parameters:,} ({report.bytes_per_parameter:.3f} bytes each)"],
+            ["KV cache length", export.max_seq_len],
+            ["export", f"{report.export_seconds:.1f} s, peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB"]]
+    if report.delegated_ops is not None:
+        outside = ", ".join(f"{op} x{n}" for op, n in (report.ops_outside_delegate or {}).items()) or "none"
+        rows.append(["delegation", f"{report.delegated_ops}/{report.total_ops} ops, "
+                                   f"{report.delegated_parameter_share or 0:.1%} of parameters; outside: {outside}"])
+    if export.guard:
+        rows.append(["export guard", describe_guard(export.guard)])
+    if report.size_warning:
+        rows.append(["warning", report.size_warning])
     return "<h2>Export</h2>" + _table(["", ""], rows, numeric_from=9)
 
 
-def _verify_section(verify: dict | None) -> str:
+def _verify_section(verify: VerifyReport | None) -> str:
     if not verify:
         return ""
-    drift, embedding = verify.get("drift"), verify.get("embedding")
+    drift, embedding = verify.drift, verify.embedding
     rows, plot = [], ""
     if drift:
-        rows = [["tokens", drift["token_count"]],
-                ["perplexity ref / test", f"{drift['ppl_ref']:.4f} / {drift['ppl_test']:.4f}"],
-                ["ppl ratio", f"{drift['ppl_ratio']:.4f} ± {drift['ppl_ratio_sem']:.4f}"],
-                ["mean KLD (nats)", f"{drift['kld_mean_nats']:.5f} ± {drift['kld_mean_nats_sem']:.5f}"],
-                ["KLD median / p90 / p99 / max", " / ".join(f"{drift[k]:.5f}" for k in (
-                    "kld_median_nats", "kld_p90_nats", "kld_p99_nats", "kld_max_nats"))],
-                ["same top token", f"{drift['top1_agreement']:.2%} ± {drift['top1_agreement_sem']:.2%}"],
-                ["RMS Δp", f"{drift['rms_delta_p']:.4f} ± {drift['rms_delta_p_sem']:.4f}"]]
-        windows = (verify.get("samples") or {}).get("window_kld_mean_nats") or []
+        rows = [["tokens", drift.token_count],
+                ["perplexity ref / test", f"{drift.ppl_ref:.4f} / {drift.ppl_test:.4f}"],
+                ["ppl ratio", f"{drift.ppl_ratio:.4f} ± {drift.ppl_ratio_sem:.4f}"],
+                ["mean KLD (nats)", f"{drift.kld_mean_nats:.5f} ± {drift.kld_mean_nats_sem:.5f}"],
+                ["KLD median / p90 / p99 / max", " / ".join(f"{value:.5f}" for value in (
+                    drift.kld_median_nats, drift.kld_p90_nats, drift.kld_p99_nats, drift.kld_max_nats))],
+                ["same top token", f"{drift.top1_agreement:.2%} ± {drift.top1_agreement_sem:.2%}"],
+                ["RMS Δp", f"{drift.rms_delta_p:.4f} ± {drift.rms_delta_p_sem:.4f}"]]
+        windows = verify.samples.window_kld_mean_nats
         if windows:
             figure, axis = _figure(7, 3)
             axis.hist(windows, bins=min(30, max(5, len(windows) // 2)), color="#1f6feb")
-            for key, style in (("kld_median_nats", "--"), ("kld_p90_nats", ":"), ("kld_p99_nats", "-.")):
-                axis.axvline(drift[key], color="#cf222e", linestyle=style, label=f"per-token {key[4:-5]}")
+            for label, value, style in (("median", drift.kld_median_nats, "--"), ("p90", drift.kld_p90_nats, ":"),
+                                        ("p99", drift.kld_p99_nats, "-.")):
+                axis.axvline(value, color="#cf222e", linestyle=style, label=f"per-token {label}")
             axis.set_xlabel("KL divergence (nats): histogram of per-window means, per-token percentiles marked")
             axis.set_ylabel("windows")
             axis.legend(fontsize=7)
             plot = _png(figure)
     if embedding:
-        rows += [["sentences", embedding["sentence_count"]],
-                 ["cosine mean / p1 / min", f"{embedding['cosine_mean']:.5f} / {embedding['cosine_p1']:.5f} / "
-                                            f"{embedding['cosine_min']:.5f}"],
-                 [f"recall@{embedding['neighbours']}", f"{embedding['recall_at_k']:.3f}"]]
-    for gate in verify.get("gates", []):
-        rows.append([f"gate {gate['gate']}", f"{'PASS' if gate['passed'] else 'FAIL'}: {gate['statistic']} "
-                                             f"{gate['value']:.5f} {gate['op']} {gate['threshold']}"])
-    data = verify.get("data") or {}
+        rows += [["sentences", embedding.sentence_count],
+                 ["cosine mean / p1 / min", f"{embedding.cosine_mean:.5f} / {embedding.cosine_p1:.5f} / "
+                                            f"{embedding.cosine_min:.5f}"],
+                 [f"recall@{embedding.neighbours}", f"{embedding.recall_at_k:.3f}"]]
+    for gate in verify.gates:
+        rows.append([f"gate {gate.gate}", f"{'PASS' if gate.passed else 'FAIL'}: {gate.statistic} "
+                                          f"{gate.value:.5f} {gate.op} {gate.threshold}"])
+    data = verify.data
     return (f"<h2>Drift of the artifact against the fp32 reference</h2><p class='muted'>evaluation text "
-            f"{_e(data.get('path'))} (sha256 {_e(str(data.get('sha256'))[:12])}...), run in the artifact's own runtime</p>"
+            f"{_e(data.path)} (sha256 {_e(data.sha256[:12])}...), run in the artifact's own runtime</p>"
             + plot + _table(["", ""], rows, numeric_from=9))
 
 
-def _bench_section(bench: dict | None) -> str:
+def _bench_section(bench: BenchReport | None) -> str:
     if not bench:
         return ""
-    models = bench.get("models", [])
     rows, names, series = [], [], {}
-    for model in models:
-        for test in model.get("tests", []):
-            speed = test.get("speedup")
-            rows.append([model["role"], model.get("label", ""), test["name"], f"{test['tok_s']['median']:.1f}",
-                         f"{test['tok_s']['iqr']:.1f}", test["tok_s"]["n"],
-                         f"{speed['median']:.2f}x" if speed else "-"])
-            if test["name"] not in names:
-                names.append(test["name"])
-            series.setdefault(model["role"], {})[test["name"]] = test["tok_s"]["median"]
+    for model in bench.models:
+        for test in model.tests:
+            rows.append([model.role, model.label, test.name, f"{test.tok_s.median:.1f}", f"{test.tok_s.iqr:.1f}",
+                         test.tok_s.n, f"{test.speedup.median:.2f}x" if test.speedup else "-"])
+            if test.name not in names:
+                names.append(test.name)
+            series.setdefault(model.role, {})[test.name] = test.tok_s.median
     plot = ""
     if series:
         figure, axis = _figure(7, 3)
@@ -217,23 +217,22 @@ def _bench_section(bench: dict | None) -> str:
         axis.legend()
         plot = _png(figure)
     ceilings = []
-    for model in models:
-        ceiling = model.get("ceiling") or {}
-        if ceiling:
-            state = f"{ceiling['share']:.2%}" if ceiling.get("valid") else "INVALID (above 100%)"
-            ceilings.append(f"{model['role']}: {ceiling['bytes_per_token'] / 1e6:.3f} MB/token at "
-                            f"{ceiling['bandwidth_gb_s']:.1f} GB/s -> ceiling {ceiling['ceiling_tok_s']:,.0f} tok/s, "
-                            f"reached {state}")
+    for model in bench.models:
+        ceiling = model.ceiling
+        state = f"{ceiling.share:.2%}" if ceiling.valid else "INVALID (above 100%)"
+        ceilings.append(f"{model.role}: {ceiling.bytes_per_token / 1e6:.3f} MB/token at "
+                        f"{ceiling.bandwidth_gb_s:.1f} GB/s -> ceiling {ceiling.ceiling_tok_s:,.0f} tok/s, "
+                        f"reached {state}")
     return ("<h2>Latency on this machine</h2>" + plot
             + _table(["model", "label", "test", "t/s median", "IQR", "n", "vs reference"], rows, numeric_from=3)
             + "".join(f"<p>{_e(c)}</p>" for c in ceilings)
-            + f"<p class='muted'>timed: {_e(bench.get('timed', ''))}</p>")
+            + f"<p class='muted'>timed: {_e(bench.timed)}</p>")
 
 
-def _provenance(report: dict) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
-    machine = (report.get("bench") or {}).get("machine") or {}
-    cpu = f"{machine.get('cpu_model')}, {machine.get('usable_cpus')} CPUs" if machine else "not measured"
-    return ("<h2>Provenance</h2>" + _table(["", ""], [["created", report["created"]], ["versions", versions],
+def _provenance(report: ForgeReport) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in report.versions.items() if v)
+    machine = report.bench.machine if report.bench else None
+    cpu = f"{machine.cpu_model}, {machine.usable_cpus} CPUs" if machine else "not measured"
+    return ("<h2>Provenance</h2>" + _table(["", ""], [["created", report.created], ["versions", versions],
                                                        ["machine", cpu],
-                                                       ["source sha256", report["source"]["sha256"]]], numeric_from=9))
+                                                       ["source sha256", report.source.sha256]], numeric_from=9))

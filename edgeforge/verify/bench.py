@@ -6,7 +6,7 @@ against the memory-bandwidth ceiling.
     print(format_bench(record)); json.dumps(record.to_dict())
 
 Inputs: an exported artifact (.pte / ONNX directory), an edgeforge quantized checkpoint (run eager)
-or an fp32 checkpoint (run eager). Output: a :class:`BenchRecord` with load time, TTFT and prefill
+or an fp32 checkpoint (run eager). Output: a :class:`BenchReport` with load time, TTFT and prefill
 tokens/s per prompt length (``pp16`` ...), decode tokens/s (``tg32``), peak RSS and size per model;
 the paired speed-up against the reference; the measured bandwidth; the machine.
 
@@ -26,24 +26,19 @@ rest; one row of an untied embedding table), not a runtime's packed layout or th
 from __future__ import annotations
 
 import random
-import statistics
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgeforge.errors import ConfigError
 from edgeforge.runners import LoadFacts, Samples, Workload
 from edgeforge.verify.bench_models import BenchModel, decode_bytes_per_token, default_reference, describe_bench_model
-from edgeforge.verify.machine import Bandwidth, Ceiling, bandwidth_ceiling
+from edgeforge.verify.bench_record import BenchReport, BenchRun, ModelResult, Spread, TestResult
+from edgeforge.verify.machine import Bandwidth, Ceiling, Machine, bandwidth_ceiling
 
-__all__ = ["BenchRecord", "BenchSettings", "Ceiling", "ModelResult", "Spread", "TestResult", "bandwidth_ceiling",
-           "bench", "decode_bytes_per_token", "describe_bench_model", "format_bench"]
-
-TIMED = ("tokenizer excluded (prompts are fixed random token ids); TTFT = prefill forward from an empty cache "
-         "+ argmax of the last logits; ppN t/s = N / TTFT; tgN = N single-token forwards after a prefill of "
-         "the shortest prompt, greedy, N / their total time; load = artifact open or eager load + KV-cache "
-         "setup (runtime imports timed apart), n=1")
+__all__ = ["BenchReport", "BenchRun", "BenchSettings", "Ceiling", "ModelResult", "Spread", "TestResult",
+           "bandwidth_ceiling", "bench", "decode_bytes_per_token", "describe_bench_model", "format_bench"]
 
 
 @dataclass(frozen=True)
@@ -87,114 +82,10 @@ class BenchSettings:
         return cls(**chosen)
 
 
-# ---- statistics ----
-
-@dataclass(frozen=True)
-class Spread:
-    """Median, quartiles (linear interpolation), IQR = q3 - q1, mean, sample stddev (0 for n = 1), n."""
-
-    median: float
-    q1: float
-    q3: float
-    iqr: float
-    mean: float
-    stddev: float
-    min: float
-    max: float
-    n: int
-
-    @classmethod
-    def of(cls, samples: list[float]) -> Spread:
-        ordered = sorted(samples)
-        q1, q3 = _quantile(ordered, 0.25), _quantile(ordered, 0.75)
-        return cls(median=statistics.median(ordered), q1=q1, q3=q3, iqr=q3 - q1, mean=statistics.fmean(ordered),
-                   stddev=statistics.stdev(ordered) if len(ordered) > 1 else 0.0, min=ordered[0], max=ordered[-1],
-                   n=len(ordered))
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-# ---- the record ----
-
-@dataclass
-class TestResult:
-    """One llama-bench test: ``pp16`` (prefill 16 tokens from an empty cache) or ``tg32`` (decode 32
-    tokens after ``depth`` cached ones). samples_s: seconds per repetition; ttft_ms: pp tests only;
-    speedup: per-round tok/s ratio against the reference (None on the reference itself)."""
-
-    name: str
-    tokens: int
-    depth: int
-    samples_s: list[float]
-    samples_tok_s: list[float]
-    tok_s: Spread
-    ttft_ms: Spread | None
-    speedup: Spread | None = None
-
-
-@dataclass
-class ModelResult:
-    """One model's measurements. format/backend: "pte"/"onnx" in their runtime, else "eager"/"torch eager";
-    import_s: runtime imports (not in load_s); load_s: open/load + KV-cache setup, n=1;
-    rss_*: resident memory of the model's own process after imports, after load, and its peak (ru_maxrss:
-    interpreter + torch + runtime + weights + KV cache + activations); threads_note: how threads were set."""
-
-    role: str  # "candidate" | "reference"
-    label: str
-    path: str
-    format: str
-    backend: str
-    scheme: str
-    size_bytes: int
-    parameters: int
-    max_seq_len: int
-    import_s: float
-    load_s: float
-    rss_after_import_bytes: int
-    rss_after_load_bytes: int
-    peak_rss_bytes: int
-    threads_note: str
-    tests: list[TestResult]
-    ceiling: Ceiling
-    bytes_basis: str
-
-    def test(self, name: str) -> TestResult:
-        return next(t for t in self.tests if t.name == name)
-
-
-@dataclass
-class BenchRecord:
-    """Everything one bench run measured; ``to_dict()`` is the JSON form, ``format_bench`` the table."""
-
-    models: list[ModelResult]  # the candidate first
-    settings: dict
-    prompt_token_ids: list[list[int]]
-    bandwidth: dict
-    machine: dict
-    timed: str = TIMED
-    caveats: list[str] = field(default_factory=list)
-
-    @property
-    def candidate(self) -> ModelResult:
-        return self.models[0]
-
-    @property
-    def reference(self) -> ModelResult | None:
-        return self.models[1] if len(self.models) > 1 else None
-
-    def to_dict(self) -> dict:
-        return {"kind": "edgeforge.bench", "schema_version": 1, **asdict(self)}
-
-
 # ---- the run ----
 
 def bench(artifact: str | Path, *, reference: str | Path | None = None, settings: BenchSettings = BenchSettings(),
-          runner: str | None = None, progress: Callable[[str], None] | None = None) -> BenchRecord:
+          runner: str | None = None, progress: Callable[[str], None] | None = None) -> BenchReport:
     """Measure ``artifact`` and its fp32 eager reference (``reference``, or the one its manifests name) on the
     device of ``runner`` (a name in :data:`edgeforge.runners.RUNNERS`; None: ``DEFAULT_RUNNER``)."""
     from edgeforge.runners import DEFAULT_RUNNER, RUNNERS
@@ -211,15 +102,15 @@ def bench(artifact: str | Path, *, reference: str | Path | None = None, settings
         models[1] = replace(models[1], max_seq_len=min(candidate.max_seq_len, models[1].config.max_seq_len))
     _check_lengths(settings, models)
     environment = device.environment(threads=settings.threads)
-    threads, cores, machine = environment.threads, environment.cores, environment.machine
+    threads, cores, machine = environment.threads, environment.cores, Machine(**environment.machine)
     caveats = [f"{threads} threads on {len(cores)} CPUs: oversubscribed"] if threads > len(cores) else []
     caveats += [warning for model in models for warning in model.warnings]
     rng = random.Random(settings.seed)
     prompts = [[rng.randrange(candidate.config.vocab_size) for _ in range(n)] for n in settings.prompt_lengths]
     context = prompts[settings.prompt_lengths.index(min(settings.prompt_lengths))]
 
-    if machine["load_average_1m"] > machine["usable_cpus"]:
-        caveats.append(f"load average {machine['load_average_1m']:.1f} on {machine['usable_cpus']} CPUs: other "
+    if machine.load_average_1m > machine.usable_cpus:
+        caveats.append(f"load average {machine.load_average_1m:.1f} on {machine.usable_cpus} CPUs: other "
                        "processes compete for them, so timings are noisy (see the IQR) and multi-threaded runs "
                        "suffer most (a descheduled thread stalls every parallel op)")
     bandwidth, loads, runs, peaks = _measure(device, environment, models, settings,
@@ -230,13 +121,14 @@ def bench(artifact: str | Path, *, reference: str | Path | None = None, settings
     results = [_model_result(role, model, load, peak, run, settings, bandwidth)
                for role, model, load, peak, run in zip(("candidate", "reference"), models, loads, peaks, runs)]
     if len(results) > 1:
-        for test, ref_test in zip(results[0].tests, results[1].tests):
-            test.speedup = Spread.of([c / r for c, r in zip(test.samples_tok_s, ref_test.samples_tok_s)])
+        results[0] = replace(results[0], tests=[
+            replace(test, speedup=Spread.of([c / r for c, r in zip(test.samples_tok_s, ref_test.samples_tok_s)]))
+            for test, ref_test in zip(results[0].tests, results[1].tests)])
     else:
         caveats.append("no reference: the candidate is itself an fp32 eager checkpoint (pass --reference to compare)")
-    return BenchRecord(models=results, settings={**asdict(settings), "threads": threads, "cores": cores,
-                                                 "decode_depth": len(context)},
-                       prompt_token_ids=prompts, bandwidth=bandwidth.to_dict(), machine=machine, caveats=caveats)
+    run = BenchRun(**{**asdict(settings), "threads": threads, "cores": cores, "decode_depth": len(context)})
+    return BenchReport(models=results, settings=run, prompt_token_ids=prompts, bandwidth=bandwidth,
+                       machine=machine, caveats=caveats)
 
 
 def _measure(device, environment, models: list[BenchModel], settings: BenchSettings, workload: Workload, *,
@@ -303,7 +195,7 @@ def _test(name: str, tokens: int, depth: int, seconds: list[float], *, ttft: boo
 
 # ---- the printer ----
 
-def format_bench(record: BenchRecord) -> str:
+def format_bench(record: BenchReport) -> str:
     """A llama-bench-style table, then TTFT, load, memory, bandwidth ceiling, machine and what was timed."""
     settings = record.settings
     header = ("model", "size", "params", "backend", "threads", "test", "t/s median ± IQR", "σ", "n", "vs ref ± IQR")
@@ -313,7 +205,7 @@ def format_bench(record: BenchRecord) -> str:
             speedup = ("1.00 (ref)" if model.role == "reference" else
                        f"{test.speedup.median:.2f}x ± {test.speedup.iqr:.2f}" if test.speedup else "-")
             rows.append((model.label, _mib(model.size_bytes), _count(model.parameters), model.backend,
-                         str(settings["threads"]), test.name + (f" @ d{test.depth}" if test.depth else ""),
+                         str(settings.threads), test.name + (f" @ d{test.depth}" if test.depth else ""),
                          f"{test.tok_s.median:.1f} ± {test.tok_s.iqr:.1f}", f"{test.tok_s.stddev:.1f}",
                          str(test.tok_s.n), speedup))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
@@ -345,28 +237,28 @@ def format_bench(record: BenchRecord) -> str:
     return "\n".join(lines)
 
 
-def _bandwidth_line(bandwidth: dict) -> str:
-    read, copy = Spread.of(bandwidth["read_samples_gb_s"]), Spread.of(bandwidth["copy_samples_gb_s"])
-    llc = bandwidth["llc_bytes"]
-    cache = f" = {bandwidth['working_set_bytes'] / llc:.1f}x the {llc / 2**20:.0f} MiB LLC" if llc else ""
+def _bandwidth_line(bandwidth: Bandwidth) -> str:
+    read, copy = Spread.of(bandwidth.read_samples_gb_s), Spread.of(bandwidth.copy_samples_gb_s)
+    llc = bandwidth.llc_bytes
+    cache = f" = {bandwidth.working_set_bytes / llc:.1f}x the {llc / 2**20:.0f} MiB LLC" if llc else ""
     return (f"bandwidth: read {read.median:.2f} ± {read.iqr:.2f} GB/s, copy {copy.median:.2f} ± {copy.iqr:.2f} GB/s "
-            f"(median ± IQR, n={read.n}, {bandwidth['threads']} thread(s), working set "
-            f"{bandwidth['working_set_bytes'] / 2**20:.0f} MiB{cache}); ceilings use the best read run, "
-            f"{bandwidth['ceiling_gb_s']:.2f} GB/s" + (f"; reads of each model's bytes per token, 1 thread, best of "
-                                                    f"{len(bandwidth['probes'][0]['read_samples_gb_s'])}: " + ", ".join(
-                f"{p['bytes'] / 1e6:.2f} MB {max(p['read_samples_gb_s']):.1f} GB/s" for p in bandwidth["probes"])
-                if bandwidth["probes"] else ""))
+            f"(median ± IQR, n={read.n}, {bandwidth.threads} thread(s), working set "
+            f"{bandwidth.working_set_bytes / 2**20:.0f} MiB{cache}); ceilings use the best read run, "
+            f"{bandwidth.ceiling_gb_s:.2f} GB/s" + (f"; reads of each model's bytes per token, 1 thread, best of "
+                                                 f"{len(bandwidth.probes[0]['read_samples_gb_s'])}: " + ", ".join(
+                f"{p['bytes'] / 1e6:.2f} MB {max(p['read_samples_gb_s']):.1f} GB/s" for p in bandwidth.probes)
+                if bandwidth.probes else ""))
 
 
-def _machine_line(machine: dict) -> str:
-    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items() if version)
-    frequency = (f"{machine['governor'] or '?'} {machine['cur_freq_khz'] / 1e6:.2f} GHz" if machine["cur_freq_khz"]
+def _machine_line(machine: Machine) -> str:
+    versions = ", ".join(f"{name} {version}" for name, version in machine.versions.items() if version)
+    frequency = (f"{machine.governor or '?'} {machine.cur_freq_khz / 1e6:.2f} GHz" if machine.cur_freq_khz
                  else "cpufreq not readable")
-    memory = f"{machine['memory_total_bytes'] / 2**30:.1f} GiB" if machine["memory_total_bytes"] else "memory ?"
-    return (f"machine: {machine['cpu_model']}, {machine['usable_cpus']}/{machine['logical_cpus']} CPUs usable, "
-            f"{frequency}, {memory}, {machine['os']}, python {machine['python']}, {versions}, "
-            f"edgeforge {machine['edgeforge']} ({(machine['git_commit'] or 'no git')[:10]}), "
-            f"load average {machine['load_average_1m']:.1f}, {machine['timestamp']}")
+    memory = f"{machine.memory_total_bytes / 2**30:.1f} GiB" if machine.memory_total_bytes else "memory ?"
+    return (f"machine: {machine.cpu_model}, {machine.usable_cpus}/{machine.logical_cpus} CPUs usable, "
+            f"{frequency}, {memory}, {machine.os}, python {machine.python}, {versions}, "
+            f"edgeforge {machine.edgeforge} ({(machine.git_commit or 'no git')[:10]}), "
+            f"load average {machine.load_average_1m:.1f}, {machine.timestamp}")
 
 
 def _mib(size: int) -> str:

@@ -1,6 +1,6 @@
-"""What bench measures, described from manifests and headers without loading any weights (through the one
+"""What bench measures, described from records and headers without loading any weights (through the one
 model opener, :mod:`edgeforge.verify.models`): an exported artifact, an edgeforge quantized checkpoint (run
-eager) or an fp32 checkpoint (run eager); the fp32 reference its manifests name; and the weight bytes one
+eager) or an fp32 checkpoint (run eager); the fp32 reference its records name; and the weight bytes one
 decode step reads.
 """
 
@@ -16,22 +16,22 @@ MANIFEST = "edgeforge.json"
 EXPORT_DEFAULT_MAX_SEQ_LEN = 2048  # what `edgeforge export` sizes the cache to; eager models get the same
 
 
-def decode_bytes_per_token(config, layers: dict | None) -> int:
-    """Weight bytes one decode step reads: quantized layers at their bit width + fp32 scales (+ int8 zero
-    points), everything else fp32; an untied embedding table contributes one row."""
+def decode_bytes_per_token(config, layers: dict | None, *, architecture_name: str) -> int:
+    """Weight bytes one decode step of the ``architecture_name`` model reads: quantized layers (a quantized
+    checkpoint record's ``layers``) at their bit width + fp32 scales (+ int8 zero points), everything else fp32;
+    an untied embedding table contributes one row."""
     from edgeforge.checkpoints import expected_shapes
+    from edgeforge.models import architecture
 
+    embedding = architecture(architecture_name).embedding + ".weight"
     total = 0.0
-    for name, shape in expected_shapes("llama", config).items():
+    for name, shape in expected_shapes(architecture_name, config).items():
         layer = (layers or {}).get(name.removesuffix(".weight"))
         if layer and name.endswith(".weight"):
-            scheme = layer["scheme"]
-            rows, columns = shape
-            groups = rows * (columns // scheme["group_size"] if scheme["group_size"] else 1)
-            size = rows * columns * scheme["bits"] / 8 + groups * 4 + (0 if scheme["symmetric"] else groups)
+            size = layer.weight_scheme.stored_bytes(*shape)
         else:
             size = prod(shape) * 4
-        if name == "tok_embeddings.weight" and not config.tie_embeddings:
+        if name == embedding and not config.tie_embeddings:
             size /= shape[0]
         total += size
     return int(total)
@@ -54,42 +54,42 @@ class BenchModel:
     max_seq_len: int
     bytes_per_token: int
     bytes_basis: str
-    source: Path | None  # what it was made from (manifest), None for an fp32 checkpoint
-    warnings: tuple[str, ...] = ()  # what its manifest says a reader of the numbers should know
+    source: Path | None  # what it was made from (its record), None for an fp32 checkpoint
+    warnings: tuple[str, ...] = ()  # what its record says a reader of the numbers should know
 
 
 def describe_bench_model(path: str | Path) -> BenchModel:
-    """Read manifests and headers only: an artifact, a quantized checkpoint or an fp32 checkpoint."""
-    from edgeforge.models.llama import LlamaConfig
+    """Read records and headers only: an artifact, a quantized checkpoint or an fp32 checkpoint."""
+    from edgeforge.models import architecture
     from edgeforge.verify.models import describe_model
 
     model = describe_model(path)
-    if model.architecture != "llama":
+    if not architecture(model.architecture).generates_text:
         raise UnsupportedError(f"bench measures decoders; this is a {model.architecture} model", path=model.path)
-    path, manifest = model.path, model.manifest
+    path, record = model.path, model.record
     if model.kind == "artifact":
-        config, report = LlamaConfig.from_dict(manifest["config"]), manifest["report"]
-        source = Path(manifest["source"]["path"])
-        layers, basis = _source_layers(source, manifest["scheme"])
-        if layers is None and manifest["scheme"] != "fp32":
-            per_token = report["expected_size_bytes"]
+        config, report = record.model_config(), record.report
+        source = Path(record.source.path)
+        layers, basis = _source_layers(source, record.scheme)
+        if layers is None and record.scheme != "fp32":
+            per_token = report.expected_size_bytes
             basis = "manifest expected_size_bytes (whole model: the source checkpoint naming the layer schemes is gone)"
         else:
-            per_token = decode_bytes_per_token(config, layers)
+            per_token = decode_bytes_per_token(config, layers, architecture_name=model.architecture)
         warnings = ((f"{path}: its export guard did not run (logits never checked against eager)",)
-                    if manifest.get("guard") is None else ())
-        warnings += (f"{path}: {report['size_warning']}",) if "size_warning" in report else ()
+                    if record.guard is None else ())
+        warnings += (f"{path}: {report.size_warning}",) if report.size_warning else ()
         return BenchModel(path=path, label=f"{path.name} {model.scheme}", format=model.format,
-                          backend=f"{model.format} {manifest['target']['backend']}", scheme=model.scheme,
-                          config=config, size_bytes=report["size_bytes"], parameters=report["parameters"],
+                          backend=f"{model.format} {record.target.backend}", scheme=model.scheme,
+                          config=config, size_bytes=report.size_bytes, parameters=report.parameters,
                           max_seq_len=model.max_seq_len, bytes_per_token=per_token, bytes_basis=basis,
                           source=source, warnings=warnings)
     if model.kind == "quantized":
         from edgeforge.quantize import weight_files
 
-        return _eager_model(model, LlamaConfig.from_dict(manifest["config"]), layers=manifest["layers"],
+        return _eager_model(model, record.model_config(), layers=record.layers,
                             size_bytes=sum(f.stat().st_size for f in weight_files(path)),
-                            source=Path(manifest["source"]["path"]))
+                            source=Path(record.source.path))
     return _eager_model(model, model.checkpoint.config, layers=None, size_bytes=model.checkpoint.size_bytes,
                         source=None)
 
@@ -99,9 +99,9 @@ def _eager_model(model, config, *, layers: dict | None, size_bytes: int, source:
 
     return BenchModel(path=model.path, label=f"{model.path.name} {model.scheme}", format=model.format,
                       backend="torch eager", scheme=model.scheme, config=config, size_bytes=size_bytes,
-                      parameters=sum(prod(s) for s in expected_shapes("llama", config).values()),
+                      parameters=sum(prod(s) for s in expected_shapes(model.architecture, config).values()),
                       max_seq_len=min(config.max_seq_len, EXPORT_DEFAULT_MAX_SEQ_LEN),
-                      bytes_per_token=decode_bytes_per_token(config, layers),
+                      bytes_per_token=decode_bytes_per_token(config, layers, architecture_name=model.architecture),
                       bytes_basis="scheme-implied: int weights at their bit width + fp32 scales + fp32 rest (the "
                       "eager emulation moves more: it dequantizes each weight to fp32 on every call)"
                       if layers else "fp32 parameters", source=source)
@@ -112,9 +112,9 @@ def _source_layers(source: Path, scheme: str) -> tuple[dict | None, str]:
     if scheme == "fp32":
         return None, "fp32 parameters"
     try:
-        from edgeforge.quantize import read_manifest, weight_files
+        from edgeforge.quantize import read_quantized
 
-        return read_manifest(source)["layers"], f"scheme-implied from the source checkpoint's layers ({source})"
+        return read_quantized(source).layers, f"scheme-implied from the source checkpoint's layers ({source})"
     except (InputError, OSError):
         return None, ""
 
@@ -126,9 +126,9 @@ def default_reference(model: BenchModel) -> Path | None:
         return None
     source = model.source
     if (source / MANIFEST).is_file():
-        from edgeforge.fileio import read_json
+        from edgeforge.quantize import read_quantized
 
-        source = Path(read_json(source / MANIFEST).get("source", {}).get("path", source))
+        source = Path(read_quantized(source).source.path)
     if not source.exists():
         raise ConfigError(f"the fp32 reference {source} named by {model.path}'s manifests does not exist here; "
                           "pass --reference CHECKPOINT")

@@ -17,6 +17,7 @@ from edgeforge.errors import ConfigError, InputError
 from edgeforge.verify.drift import TokenStats, summarize_drift, token_windows
 from edgeforge.verify.measured import Measured, MeasureContext, check_overlap, say_progress
 from edgeforge.verify.models import EvalModel, open_for_eval
+from edgeforge.verify.report import DecoderSamples, DecoderSettings, Drift, EagerSource, ReferenceCache, Timing
 from edgeforge.verify.reference import (
     DEFAULT_TOP_K,
     CacheKey,
@@ -119,28 +120,29 @@ def measure_decoder(model: EvalModel, reference, documents, options, cache_dir, 
     start = time.perf_counter()
     parts = _window_stats(model, windows, ref.tensors, vocab, batch_size, say, "model")
     test_seconds = time.perf_counter() - start
-    eager, eager_bound, notes, timing = None, None, (), {}
+    eager, eager_bound, notes, eager_seconds = None, None, (), None
     if options.eager and model.kind == "artifact":
         eager_parts, eager, notes, eager_seconds = _eager_source_stats(model, windows, ref.tensors, key, cache_dir,
                                                                       vocab, batch_size, say)
         if eager_parts is not None:
             eager_bound = eager_kld_bound([float(p.kld.mean()) for p in eager_parts],
                                           [float(p.kld.mean()) for p in parts])
-            timing = {"eager_seconds": round(eager_seconds, 3)}
+            eager_seconds = round(eager_seconds, 3)
     kept = ref.tensors["topk_ids"].shape[-1]  # top_k, or the vocabulary when that is smaller
     rest_mass = float(ref.tensors["rest_logprob"].exp().mean())
-    samples = {"window_kld_mean_nats": [float(p.kld.mean()) for p in parts],
-               "window_ref_nll_mean_nats": [float(p.ref_nll.mean()) for p in parts],
-               "window_test_nll_mean_nats": [float(p.test_nll.mean()) for p in parts],
-               "window_top1_agreement": [float(p.same_top1.double().mean()) for p in parts]}
+    samples = DecoderSamples(window_kld_mean_nats=[float(p.kld.mean()) for p in parts],
+                             window_ref_nll_mean_nats=[float(p.ref_nll.mean()) for p in parts],
+                             window_test_nll_mean_nats=[float(p.test_nll.mean()) for p in parts],
+                             window_top1_agreement=[float(p.same_top1.double().mean()) for p in parts])
     return Measured(
-        drift=summarize_drift(parts), embedding=None, samples=samples, overlap=overlap,
+        drift=Drift.of(summarize_drift(parts)), embedding=None, samples=samples, overlap=overlap,
         tokens_sha256=key.tokens_sha256,
-        settings={"seq_len_tokens": seq_len, "windows": windows.shape[0],
-                  "scored_tokens": windows.shape[0] * (seq_len - 1), "top_k": kept},
-        cache={"path": None if ref.path is None else str(ref.path), "hit": ref.hit, "top_k": kept,
-               "rest_mass_mean": rest_mass},
-        timing={"reference_seconds": round(ref.seconds, 3), "test_seconds": round(test_seconds, 3), **timing},
+        settings=DecoderSettings(seq_len_tokens=seq_len, windows=windows.shape[0],
+                                 scored_tokens=windows.shape[0] * (seq_len - 1), top_k=kept),
+        cache=ReferenceCache(path=None if ref.path is None else str(ref.path), hit=ref.hit, top_k=kept,
+                             rest_mass_mean=rest_mass),
+        timing=Timing(reference_seconds=round(ref.seconds, 3), test_seconds=round(test_seconds, 3),
+                      eager_seconds=eager_seconds),
         eager=eager, eager_bound=eager_bound, notes=notes)
 
 
@@ -192,9 +194,9 @@ def _eager_source_stats(model: EvalModel, windows: torch.Tensor, reference: dict
     parts = [TokenStats(ref_nll=reference["ref_nll"][row], **{name: drift.tensors[name][row] for name in EAGER_DRIFT})
              for row in range(windows.shape[0])]
     stats = summarize_drift(parts)
-    section = {"path": str(Path(source).resolve()), "sha256": sha256, "activation_numerics": numerics,
-               "kld_mean_nats": stats.kld_mean,
-               "kld_mean_nats_sem": stats.kld_mean_sem, "top1_agreement": stats.top1_agreement,
-               "ppl_ratio": stats.ppl_ratio, "window_kld_mean_nats": [float(p.kld.mean()) for p in parts],
-               "cache_path": None if drift.path is None else str(drift.path), "cache_hit": drift.hit}
+    section = EagerSource(path=str(Path(source).resolve()), sha256=sha256, activation_numerics=numerics,
+                          kld_mean_nats=stats.kld_mean, kld_mean_nats_sem=stats.kld_mean_sem,
+                          top1_agreement=stats.top1_agreement, ppl_ratio=stats.ppl_ratio,
+                          window_kld_mean_nats=[float(p.kld.mean()) for p in parts],
+                          cache_path=None if drift.path is None else str(drift.path), cache_hit=drift.hit)
     return parts, section, (), drift.seconds

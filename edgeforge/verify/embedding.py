@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from edgeforge.errors import InputError
+from edgeforge.records import described
 
 NEIGHBOURS = 10
 MIN_SENTENCES = 3  # the neighbour check needs at least two other sentences
@@ -37,15 +38,15 @@ def sentences_of(documents: list[str]) -> tuple[list[str], list[int]]:
 class EmbeddingStats:
     """Embedding drift over ``sentence_count`` sentences; cosines and recall are unitless, in [-1, 1] / [0, 1]."""
 
-    sentence_count: int
-    cosine_mean: float
-    cosine_mean_sem: float
-    cosine_median: float
-    cosine_p1: float
-    cosine_min: float
-    neighbours: int  # k of recall@k (10, or fewer on a corpus of 11 sentences or less)
-    recall_at_k: float
-    recall_at_k_sem: float
+    sentence_count: int = described("sentences embedded")
+    cosine_mean: float = described("mean cosine of each sentence's embeddings against the reference's")
+    cosine_mean_sem: float = described("its standard error")
+    cosine_median: float = described("median cosine")
+    cosine_p1: float = described("1st percentile cosine")
+    cosine_min: float = described("lowest cosine")
+    neighbours: int = described("k of recall@k (10, or fewer on a corpus of 11 sentences or less)")
+    recall_at_k: float = described("share of the reference's k nearest sentences the model also ranks nearest")
+    recall_at_k_sem: float = described("its standard error")
 
     def to_dict(self) -> dict:
         return asdict(self)

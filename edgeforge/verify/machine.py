@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from edgeforge import __version__
 from edgeforge.errors import ConfigError
 from edgeforge.provenance import git_commit, package_versions
+from edgeforge.records import described
 
 CPU_SYSFS = Path("/sys/devices/system/cpu/cpu0")
 CACHE_MULTIPLE = 4  # the bandwidth working set is at least this many times the last-level cache
@@ -39,23 +40,23 @@ class Machine:
     compete for the CPUs); versions: installed package versions (None if not installed); timestamp: RFC 3339 UTC.
     """
 
-    cpu_model: str | None
-    logical_cpus: int
-    usable_cpus: int
-    threads: int
-    governor: str | None
-    cur_freq_khz: int | None
-    max_freq_khz: int | None
-    llc_bytes: int | None
-    memory_total_bytes: int | None
-    load_average_1m: float
-    os: str
-    kernel: str
-    python: str
-    edgeforge: str
-    git_commit: str | None
-    versions: dict
-    timestamp: str
+    cpu_model: str | None = described('/proc/cpuinfo "model name"')
+    logical_cpus: int = described("os.cpu_count()")
+    usable_cpus: int = described("CPUs this process may run on (affinity)")
+    threads: int = described("threads the benchmark asked for")
+    governor: str | None = described("cpufreq governor of cpu0, null where /sys has no cpufreq")
+    cur_freq_khz: int | None = described("cpu0's current frequency, null where unreadable")
+    max_freq_khz: int | None = described("cpu0's maximum frequency, null where unreadable")
+    llc_bytes: int | None = described("last-level cache cpu0 sees")
+    memory_total_bytes: int | None = described("MemTotal")
+    load_average_1m: float = described("run queue when read (above usable_cpus: other processes compete)")
+    os: str = described("platform")
+    kernel: str = described("kernel release")
+    python: str = described("Python version")
+    edgeforge: str = described("edgeforge version")
+    git_commit: str | None = described("edgeforge's git commit, null outside a checkout")
+    versions: dict = described("installed package versions (null: not installed)")
+    timestamp: str = described("RFC 3339 UTC")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,29 +104,30 @@ class Bandwidth:
     the closest to what the memory system can do; medians are printed beside it).
     """
 
-    read_samples_gb_s: list[float]
-    copy_samples_gb_s: list[float]
-    working_set_bytes: int
-    llc_bytes: int | None
-    threads: int
-    probes: list[dict]  # {"bytes": int, "threads": 1, "read_samples_gb_s": [...]}
-    note: str | None
+    read_samples_gb_s: list[float] = described("large read, GB/s per repetition")
+    copy_samples_gb_s: list[float] = described("large copy, GB/s per repetition")
+    working_set_bytes: int = described("bytes touched per run")
+    llc_bytes: int | None = described("the last-level cache it must exceed")
+    threads: int = described("threads of the large runs")
+    probes: list[dict] = described("reads over each model's bytes per token: {bytes, threads (1), read_samples_gb_s}")
+    note: str | None = described("why the figure may mislead (working set below 4x the LLC), else null")
+    ceiling_gb_s: float = described("the best large read run: what ceilings use (computed)", init=False)
+    method: str = described("how it was measured", default="torch float32 sum (read) and Tensor.copy_ (copy), "
+                            "torch.set_num_threads(threads), one untimed pass first")
 
-    @property
-    def ceiling_gb_s(self) -> float:
-        return max(self.read_samples_gb_s)
+    def __post_init__(self):
+        object.__setattr__(self, "ceiling_gb_s", max(self.read_samples_gb_s))
 
     def probe_gb_s(self, size_bytes: int) -> float | None:
         """The best probe read bandwidth over ``size_bytes`` (None if not probed)."""
         return next((max(p["read_samples_gb_s"]) for p in self.probes if p["bytes"] == size_bytes), None)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ceiling_gb_s": self.ceiling_gb_s, "method": "torch float32 sum (read) and "
-                "Tensor.copy_ (copy), torch.set_num_threads(threads), one untimed pass first"}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Bandwidth:
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.init})
 
 
 def working_set_bytes(llc_bytes: int | None) -> tuple[int, str | None]:
@@ -220,16 +222,16 @@ class Ceiling:
     is no roofline; note says so in words.
     """
 
-    bytes_per_token: int
-    bandwidth_gb_s: float
-    ceiling_tok_s: float
-    decode_tok_s: float
-    share: float | None
-    share_raw: float
-    valid: bool
-    fits_in_cache: bool
-    at_size_gb_s: float | None
-    note: str | None
+    bytes_per_token: int = described("weight bytes one decode step reads (what the scheme implies)")
+    bandwidth_gb_s: float = described("the bandwidth it is set against (Bandwidth.ceiling_gb_s)")
+    ceiling_tok_s: float = described("bandwidth / bytes per token")
+    decode_tok_s: float = described("measured decode tokens/s (median)")
+    share: float | None = described("decode_tok_s / ceiling_tok_s, null when invalid")
+    share_raw: float = described("the same, even when above 1")
+    valid: bool = described("share_raw <= 1")
+    fits_in_cache: bool = described("reading bytes_per_token alone runs CACHE_SPEEDUP x faster: no roofline")
+    at_size_gb_s: float | None = described("read bandwidth over a working set of bytes_per_token (a probe)")
+    note: str | None = described("what the share means, in words")
 
 
 def bandwidth_ceiling(*, bytes_per_token: int, bandwidth_gb_s: float, decode_tok_s: float,

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeforge.errors import InputError
-from edgeforge.verify.drift import DriftStats
 from edgeforge.verify.embedding import EmbeddingStats
 from edgeforge.verify.lineage import Lineage
-from edgeforge.verify.report import Overlap
+from edgeforge.verify.report import (DecoderSamples, DecoderSettings, Drift, EagerSource, EncoderSamples,
+                                     EncoderSettings, Overlap, ReferenceCache, Timing)
 
 if TYPE_CHECKING:
     from edgeforge.verify.decoder import EagerBound
@@ -29,17 +29,17 @@ class MeasureContext:
 
 @dataclass(frozen=True)
 class Measured:
-    """What one architecture's measurement hands back to :func:`verify` (record sections as in report.py)."""
+    """What one architecture's measurement hands back to :func:`verify`: sections of its VerifyReport."""
 
-    drift: DriftStats | None
+    drift: Drift | None
     embedding: EmbeddingStats | None
-    samples: dict
+    samples: DecoderSamples | EncoderSamples
     overlap: Overlap
     tokens_sha256: str
-    settings: dict
-    cache: dict
-    timing: dict
-    eager: dict | None = None
+    settings: DecoderSettings | EncoderSettings
+    cache: ReferenceCache
+    timing: Timing
+    eager: EagerSource | None = None
     eager_bound: EagerBound | None = None
     notes: tuple[str, ...] = ()
 

@@ -7,7 +7,7 @@
     any checkpoint edgeforge loads        checkpoint  eager    torch, fp32
 
 ``kind`` says what the path holds, ``format`` how it runs: its runtime's artifact format, or ``eager``.
-:func:`describe_model` reads manifests and headers only (no weights); :func:`open_session` loads the
+:func:`describe_model` reads records and headers only (no weights); :func:`open_session` loads the
 model behind the session protocol the exported artifacts' sessions implement (:class:`EagerSession` for
 eager models): decoders answer ``forward(tokens [1, S], input_pos [S]) -> logits [1, S, vocab]``,
 encoders ``embed(input_ids, attention_mask, token_type_ids) -> [B, dim]``. :func:`open_for_eval` is
@@ -30,9 +30,10 @@ EAGER = "eager"  # the format of a model run by torch itself
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model described from its manifests and headers, without loading its weights.
+    """A model described from its records and headers, without loading its weights.
 
-    manifest: the artifact's or quantized checkpoint's ``edgeforge.json`` (None for a plain checkpoint);
+    record: the artifact's ``ArtifactRecord`` or the quantized checkpoint's ``QuantizedCheckpoint`` (None for a
+    plain checkpoint);
     checkpoint: the opened (lazy) checkpoint of kind ``checkpoint``, else None.
     max_seq_len: positions an artifact's graph holds; an eager model's context.
     """
@@ -43,12 +44,12 @@ class ModelInfo:
     architecture: str  # "llama" | "bert"
     scheme: str  # "fp32", "8da4w", ...
     max_seq_len: int
-    manifest: dict | None
+    record: object | None  # ArtifactRecord | QuantizedCheckpoint | None
     checkpoint: object | None = None
 
 
 def describe_model(path: str | Path) -> ModelInfo:
-    """An artifact, a quantized checkpoint or a plain checkpoint, told apart by its manifest's kind."""
+    """An artifact, a quantized checkpoint or a plain checkpoint, told apart by its record's kind."""
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or directory", path=path)
@@ -56,23 +57,20 @@ def describe_model(path: str | Path) -> ModelInfo:
     if kind == "edgeforge.artifact":
         from edgeforge.export import open_artifact
 
-        manifest = open_artifact(path).manifest
-        return ModelInfo(path=path, kind="artifact", format=manifest["format"], architecture=manifest["architecture"],
-                         scheme=manifest["scheme"], max_seq_len=int(manifest["max_seq_len"]), manifest=manifest)
+        record = open_artifact(path).record
+        return ModelInfo(path=path, kind="artifact", format=record.format, architecture=record.architecture,
+                         scheme=record.scheme, max_seq_len=record.max_seq_len, record=record)
     if kind == "edgeforge.quantized_checkpoint":
-        from edgeforge.export.targets import scheme_name
-        from edgeforge.quantize import read_manifest
-        from edgeforge.quantize.checkpoint import manifest_config
+        from edgeforge.quantize import read_quantized
 
-        manifest = read_manifest(path)
-        return ModelInfo(path=path, kind="quantized", format=EAGER, architecture=manifest["architecture"],
-                         scheme=scheme_name(manifest), max_seq_len=manifest_config(manifest).max_seq_len,
-                         manifest=manifest)
+        record = read_quantized(path)
+        return ModelInfo(path=path, kind="quantized", format=EAGER, architecture=record.architecture,
+                         scheme=record.scheme, max_seq_len=record.model_config().max_seq_len, record=record)
     from edgeforge.checkpoints import open_checkpoint
 
     checkpoint = open_checkpoint(path)
     return ModelInfo(path=checkpoint.path, kind="checkpoint", format=EAGER, architecture=checkpoint.architecture,
-                     scheme="fp32", max_seq_len=checkpoint.config.max_seq_len, manifest=None, checkpoint=checkpoint)
+                     scheme="fp32", max_seq_len=checkpoint.config.max_seq_len, record=None, checkpoint=checkpoint)
 
 
 class EagerSession:
@@ -188,12 +186,12 @@ class EvalModel:
 
 
 def open_for_eval(path: str | Path) -> EvalModel:
-    """Open an artifact, a quantized checkpoint or a plain checkpoint for evaluation (kind from its manifest)."""
+    """Open an artifact, a quantized checkpoint or a plain checkpoint for evaluation (kind from its record)."""
     info = describe_model(path)
     if info.kind == "checkpoint":
         sha256 = info.checkpoint.content_hash()
         lineage = Lineage(source_sha256=sha256)
     else:
         sha256 = content_sha256(info.path)
-        lineage = (artifact_lineage if info.kind == "artifact" else quantized_lineage)(info.path, info.manifest)
+        lineage = (artifact_lineage if info.kind == "artifact" else quantized_lineage)(info.path, info.record)
     return EvalModel(info=info, sha256=sha256, lineage=lineage, session=open_session(info))

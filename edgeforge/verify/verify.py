@@ -38,23 +38,25 @@ from pathlib import Path
 
 import torch
 
-from edgeforge.errors import ConfigError, InputError, UnsupportedError
+from edgeforge.errors import ConfigError, InputError
+from edgeforge.models import architecture
+from edgeforge.models.architecture import DECODER, ENCODER, family_choice
 from edgeforge.verify.decoder import measure_decoder
 from edgeforge.verify.embedding import MIN_SENTENCES, NEIGHBOURS, embedding_stats, sentences_of
 from edgeforge.verify.lineage import Lineage
 from edgeforge.verify.measured import Measured, MeasureContext, check_overlap
 from edgeforge.verify.models import EAGER, EvalModel, open_for_eval
 from edgeforge.verify.reference import CacheKey, cached, default_cache_dir, tokens_sha256
-from edgeforge.verify.report import GateResult, VerifyReport
+from edgeforge.verify.report import (EncoderSamples, EncoderSettings, EvaluationText, GateResult, ReferenceCache,
+                                     ReferenceModel, Timing, VerifiedModel, VerifyReport)
 
 DEFAULT_SENTENCES = 256  # sentences embedded when not given (fewer when the text holds fewer)
 ENCODER_BATCH = 32
 
-# gate -> (statistic it reads, "<=" for a maximum or ">=" for a minimum). Gates read the mean
+# gate -> (the Drift/EmbeddingStats field it reads, "<=" for a maximum or ">=" for a minimum). Gates read the mean
 # statistics (the point estimate), as the recipe's gates are written.
-GATES = {"max_kld": ("kld_mean", "<="), "min_top1": ("top1_agreement", ">="),
+GATES = {"max_kld": ("kld_mean_nats", "<="), "min_top1": ("top1_agreement", ">="),
          "max_ppl_ratio": ("ppl_ratio", "<="), "min_cosine": ("cosine_mean", ">=")}
-APPLICABLE_GATES = {"llama": ("max_kld", "min_top1", "max_ppl_ratio"), "bert": ("min_cosine",)}
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,7 @@ def verify(model_path: str | Path, reference_path: str | Path, data_path: str | 
     reference = _open_reference(reference_path)
     say(f"opening {model_path} ...")
     model = open_for_eval(model_path)
-    if model.architecture not in _MEASURE:
-        raise UnsupportedError(f"verify has no measure for a {model.architecture} model "
-                               f"(it measures {', '.join(_MEASURE)})", path=model_path)
+    measure = family_choice(model.architecture, _MEASURE, "verify measurement", path=model_path)
     if model.architecture != reference.architecture:
         raise InputError(f"the model is a {model.architecture} and the reference {reference_path} a "
                          f"{reference.architecture}: nothing to compare", path=model_path)
@@ -125,22 +125,23 @@ def verify(model_path: str | Path, reference_path: str | Path, data_path: str | 
     if options.use_cache:
         cache_dir = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
     context = MeasureContext(data_path=Path(data_path), data_sha256=data_sha256, reference_sha256=reference_sha256)
-    measured = _MEASURE[model.architecture](model, reference, documents, options, cache_dir, say, context)
+    measured = measure(model, reference, documents, options, cache_dir, say, context)
     stats = measured.drift or measured.embedding
     results = tuple(GateResult(gate=name, statistic=GATES[name][0], op=GATES[name][1], threshold=threshold,
                                value=getattr(stats, GATES[name][0]), source=source)
                     for name, (threshold, source) in gates.items())
     if measured.eager_bound is not None:
         bound = measured.eager_bound
-        results += (GateResult(gate="max_kld_eager", statistic="kld_mean", op="<=", threshold=bound.threshold,
-                               value=stats.kld_mean, source="eager", basis=bound.describe()),)
+        results += (GateResult(gate="max_kld_eager", statistic="kld_mean_nats", op="<=", threshold=bound.threshold,
+                               value=stats.kld_mean_nats, source="eager", basis=bound.describe()),)
     notes += measured.notes
     return VerifyReport(
-        artifact=model.describe(),
-        reference={"path": str(Path(reference.path).resolve()), "format": reference.format, "sha256": reference_sha256,
-                   "architecture": reference.architecture},
-        data={"path": str(context.data_path.resolve()), "sha256": data_sha256, "documents": len(documents),
-              "documents_evaluated": measured.overlap.evaluated_documents, "tokens_sha256": measured.tokens_sha256},
+        artifact=VerifiedModel(**model.describe()),
+        reference=ReferenceModel(path=str(Path(reference.path).resolve()), format=reference.format,
+                                 sha256=reference_sha256, architecture=reference.architecture),
+        data=EvaluationText(path=str(context.data_path.resolve()), sha256=data_sha256, documents=len(documents),
+                            documents_evaluated=measured.overlap.evaluated_documents,
+                            tokens_sha256=measured.tokens_sha256),
         settings=measured.settings, drift=measured.drift, embedding=measured.embedding, samples=measured.samples,
         eager=measured.eager, gates=results,
         gates_source=model.lineage.gates_source if any(source == "recipe" for _, source in gates.values()) else None,
@@ -161,13 +162,13 @@ def _open_reference(path: str | Path):
     return checkpoint
 
 
-def _gate_thresholds(architecture: str, options: VerifyOptions, lineage: Lineage) -> dict[str, tuple[float, str]]:
+def _gate_thresholds(architecture_name: str, options: VerifyOptions, lineage: Lineage) -> dict[str, tuple[float, str]]:
     """gate -> (threshold, "option" | "recipe"); an option overrides the recipe's gate of the same name."""
-    applicable = APPLICABLE_GATES[architecture]
+    applicable = architecture(architecture_name).gates
     for name in GATES:
         if getattr(options, name) is not None and name not in applicable:
             flags = ", ".join("--" + gate.replace("_", "-") for gate in applicable)
-            raise ConfigError(f"--{name.replace('_', '-')} does not apply to a {architecture} model "
+            raise ConfigError(f"--{name.replace('_', '-')} does not apply to a {architecture_name} model "
                               f"(its gates: {flags})")
     thresholds = {name: (float(value), "recipe") for name, value in lineage.gates.items() if name in applicable}
     thresholds.update({name: (float(getattr(options, name)), "option") for name in applicable
@@ -213,15 +214,15 @@ def _measure_encoder(model: EvalModel, reference, documents, options: VerifyOpti
     test_seconds = time.perf_counter() - start
     stats, cosine = embedding_stats(ref.tensors["embeddings"], test, neighbours=NEIGHBOURS)
     return Measured(
-        drift=None, embedding=stats, samples={"sentence_cosine": cosine.tolist()}, overlap=overlap,
+        drift=None, embedding=stats, samples=EncoderSamples(sentence_cosine=cosine.tolist()), overlap=overlap,
         tokens_sha256=key.tokens_sha256,
-        settings={"max_length_tokens": max_length, "sentences": count, "neighbours": stats.neighbours},
-        cache={"path": None if ref.path is None else str(ref.path), "hit": ref.hit, "top_k": None,
-               "rest_mass_mean": None},
-        timing={"reference_seconds": round(ref.seconds, 3), "test_seconds": round(test_seconds, 3)})
+        settings=EncoderSettings(max_length_tokens=max_length, sentences=count, neighbours=stats.neighbours),
+        cache=ReferenceCache(path=None if ref.path is None else str(ref.path), hit=ref.hit, top_k=None,
+                             rest_mass_mean=None),
+        timing=Timing(reference_seconds=round(ref.seconds, 3), test_seconds=round(test_seconds, 3)))
 
 
-_MEASURE = {"llama": measure_decoder, "bert": _measure_encoder}
+_MEASURE = {DECODER: measure_decoder, ENCODER: _measure_encoder}  # by the architecture's family
 
 
 def provenance(model_format: str) -> dict:

@@ -19,6 +19,8 @@ from edgeforge.export.executorch.graph import export_program
 from edgeforge.export.executorch.lower import check_backend, delegation_report, lower
 from edgeforge.export.executorch.session import DecoderSession, EncoderSession, register_kernels
 from edgeforge.export.tolerance import widened_tolerance
+from edgeforge.models import architecture
+from edgeforge.models.architecture import DECODER, ENCODER, family_choice
 from edgeforge.provenance import package_versions
 
 MODEL_FILE = "model.pte"
@@ -36,7 +38,7 @@ class ExecuTorchExporter:
         phase("trace", "torch.export")
         program = export_program(source, max_seq_len=max_seq_len, backend=target.backend)
         metadata = runner_metadata(source, max_seq_len=max_seq_len, dynamic_shape=target.backend != "coreml") \
-            if source.architecture == "llama" else None
+            if architecture(source.architecture).generates_text else None
         phase("lower", f"to_edge_transform_and_lower, {target.backend} partitions")
         executorch_program = lower(program, backend=target.backend, metadata=metadata, phase=phase)
         phase("serialize", MODEL_FILE)
@@ -51,11 +53,11 @@ class ExecuTorchExporter:
             report["guard_tolerance"] = tolerance
         return report
 
-    def open(self, artifact_dir: Path, manifest: dict):
-        model_file = Path(artifact_dir) / manifest["report"]["model_file"]
-        if manifest["architecture"] == "bert":
-            return EncoderSession(model_file, max_seq_len=manifest["max_seq_len"])
-        return DecoderSession(model_file, max_seq_len=manifest["max_seq_len"])
+    def open(self, artifact_dir: Path, record):
+        model_file = Path(artifact_dir) / record.report.model_file
+        session_class = family_choice(record.architecture, {DECODER: DecoderSession, ENCODER: EncoderSession},
+                                      "ExecuTorch session")
+        return session_class(model_file, max_seq_len=record.max_seq_len)
 
     def prepare_runtime(self, threads: int) -> str:
         """Import the ExecuTorch runtime and the kernels our programs use, and size its threadpool (it
@@ -70,8 +72,9 @@ class ExecuTorchExporter:
 
 def _runner_tokenizer(source) -> str | None:
     """The tokenizer file (copied beside the .pte by export()) to hand ExecuTorch's LLM runner, which reads
-    tokenizer.json, SentencePiece .model, tiktoken and llama2.c .bin files; None without one."""
-    if source.architecture != "llama" or not source.tokenizer_files:
+    tokenizer.json, SentencePiece .model, tiktoken and llama2.c .bin files; None without one (or for a model
+    that does not generate text)."""
+    if not architecture(source.architecture).generates_text or not source.tokenizer_files:
         return None
     return source.tokenizer_files[0].name
 

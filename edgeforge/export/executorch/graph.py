@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeforge.errors import UnsupportedError
 from edgeforge.export.executorch.layers import to_lowerable
+from edgeforge.models.architecture import DECODER, ENCODER, family_choice
 
 ENCODER_MAX_BATCH = 16  # largest batch the encoder graph takes: memory is planned for it (MiniLM: 162 MiB)
 
@@ -120,33 +120,36 @@ def structural_copy(module: nn.Module) -> nn.Module:
 
 
 def export_program(source, *, max_seq_len: int, backend: str = "xnnpack"):
-    """The ExportedProgram of ``source``'s export variant (dynamic sequence length; for encoders dynamic
-    batch too). CoreML decoders: the core model with its static cache, one token per call (the delegate
-    keeps the cache as CoreML state; the runner prefills token by token). Non-strict: the module is our
-    own code, so Dynamo's bytecode tracing and guards (most of a strict export's time) would check nothing,
-    and the graph is the same."""
-    from torch.export import Dim
-
+    """The ExportedProgram of ``source``'s export variant, chosen by its architecture's family (dynamic sequence
+    length; for encoders dynamic batch too). Non-strict: the module is our own code, so Dynamo's bytecode
+    tracing and guards (most of a strict export's time) would check nothing, and the graph is the same."""
+    variant = family_choice(source.architecture, {DECODER: _decoder_variant, ENCODER: _encoder_variant},
+                            "ExecuTorch export")
     model = to_lowerable(structural_copy(source.model), decomposed=backend == "xnnpack")
-    if source.architecture == "llama" and backend == "coreml":
-        model.setup_cache(1, max_seq_len)
-        module = model.eval()
-        example = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
-        dynamic_shapes = None
-    elif source.architecture == "llama":
-        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers torch.ops.llama)
-
-        module = ExportDecoder(model, max_seq_len).eval()
-        seq_len = Dim("seq_len", min=1, max=max_seq_len)
-        example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
-        dynamic_shapes = ({1: seq_len}, {0: seq_len})
-    elif source.architecture == "bert":
-        module = model.eval()
-        batch = Dim("batch_size", min=1, max=ENCODER_MAX_BATCH)
-        seq_len = Dim("sequence_length", min=1, max=max_seq_len)
-        example = tuple(torch.ones(2, 4, dtype=torch.long) for _ in range(3))
-        dynamic_shapes = tuple({0: batch, 1: seq_len} for _ in range(3))
-    else:
-        raise UnsupportedError(f"architecture {source.architecture!r} has no ExecuTorch export (supported: llama, bert)")
+    module, example, dynamic_shapes = variant(model, max_seq_len=max_seq_len, backend=backend)
     with torch.no_grad():
         return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _decoder_variant(model: nn.Module, *, max_seq_len: int, backend: str):
+    """(module, example inputs, dynamic shapes) of a decoder. CoreML: the core model with its static cache, one
+    token per call (the delegate keeps the cache as CoreML state; the runner prefills token by token)."""
+    if backend == "coreml":
+        model.setup_cache(1, max_seq_len)
+        return model.eval(), (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])), None
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers torch.ops.llama)
+    from torch.export import Dim
+
+    seq_len = Dim("seq_len", min=1, max=max_seq_len)
+    return (ExportDecoder(model, max_seq_len).eval(), (torch.zeros(1, 2, dtype=torch.long), torch.arange(2)),
+            ({1: seq_len}, {0: seq_len}))
+
+
+def _encoder_variant(model: nn.Module, *, max_seq_len: int, backend: str):
+    """(module, example inputs, dynamic shapes) of an encoder: token ids, token types and attention mask."""
+    from torch.export import Dim
+
+    batch = Dim("batch_size", min=1, max=ENCODER_MAX_BATCH)
+    seq_len = Dim("sequence_length", min=1, max=max_seq_len)
+    return (model.eval(), tuple(torch.ones(2, 4, dtype=torch.long) for _ in range(3)),
+            tuple({0: batch, 1: seq_len} for _ in range(3)))

@@ -23,12 +23,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from edgeforge.errors import UnsupportedError
 from edgeforge.export.artifact import no_phase
 from edgeforge.export.onnx.lower import EXTERNAL_DATA_FILE, MODEL_FILE, op_report, save_model, write_genai_files
 from edgeforge.export.onnx.session import (OnnxDecoderSession, OnnxEncoderSession, check_provider, inference_session,
                                            provider_for, stands_in)
 from edgeforge.export.tolerance import widened_tolerance
+from edgeforge.models import architecture
+from edgeforge.models.architecture import DECODER, ENCODER, family_choice
 
 class OnnxExporter:
     name = "onnx"
@@ -41,13 +42,11 @@ class OnnxExporter:
 
         from edgeforge.export.onnx.graph import build_decoder, build_encoder
 
-        builders = {"llama": build_decoder, "bert": build_encoder}
-        if source.architecture not in builders:
-            raise UnsupportedError(f"no ONNX graph for architecture {source.architecture!r} "
-                                   f"(supported: {', '.join(builders)})")
         fused = target.backend == "cpu"  # GroupQueryAttention and the other onnxruntime CPU contrib kernels
-        options = {"fused_attention": fused} if source.architecture == "llama" else {}
-        graph = builders[source.architecture](source.model.eval(), max_seq_len=max_seq_len, **options)
+        build = family_choice(source.architecture, {
+            DECODER: lambda model: build_decoder(model, max_seq_len=max_seq_len, fused_attention=fused),
+            ENCODER: lambda model: build_encoder(model, max_seq_len=max_seq_len)}, "ONNX graph")
+        graph = build(source.model.eval())
         metadata = {"edgeforge.scheme": source.scheme, "edgeforge.architecture": source.architecture}
         phase("save", MODEL_FILE)
         model = save_model(graph, Path(out_dir) / MODEL_FILE, metadata=metadata)
@@ -58,25 +57,26 @@ class OnnxExporter:
         tolerance = widened_tolerance(source)
         if tolerance:
             report["guard_tolerance"] = tolerance
-        if source.architecture == "llama":
-            report["genai"] = write_genai_files(source, Path(out_dir), max_seq_len=max_seq_len, share_buffer=fused)
+        genai_model_type = architecture(source.architecture).genai_model_type
+        if genai_model_type is not None:
+            report["genai"] = write_genai_files(source, Path(out_dir), model_type=genai_model_type,
+                                                max_seq_len=max_seq_len, share_buffer=fused)
         report["check_provider"] = check_provider(target.backend)
         report["versions"] = versions()
         phase("validate", "onnx.checker")
         onnx.checker.check_model(str(Path(out_dir) / MODEL_FILE))
         return report
 
-    def open(self, artifact_dir: Path, manifest: dict):
-        backend = manifest["target"]["backend"]
-        session = inference_session(Path(artifact_dir) / manifest["report"]["model_file"],
+    def open(self, artifact_dir: Path, record):
+        backend = record.target.backend
+        session = inference_session(Path(artifact_dir) / record.report.model_file,
                                     provider=provider_for(backend), qdq_as_defined=stands_in(backend))
-        if manifest["architecture"] == "bert":
-            return OnnxEncoderSession(session)
-        config = manifest["config"]
-        head_dim = config.get("head_dim") or config["dim"] // config["n_heads"]
-        return OnnxDecoderSession(session, n_layers=config["n_layers"],
-                                  n_kv_heads=config.get("n_kv_heads") or config["n_heads"],
-                                  head_dim=head_dim, max_seq_len=manifest["max_seq_len"])
+        config = record.model_config()
+        open_session = family_choice(record.architecture, {
+            DECODER: lambda: OnnxDecoderSession(session, n_layers=config.n_layers, n_kv_heads=config.n_kv_heads,
+                                                head_dim=config.head_dim, max_seq_len=record.max_seq_len),
+            ENCODER: lambda: OnnxEncoderSession(session)}, "ONNX session")
+        return open_session()
 
     def prepare_runtime(self, threads: int) -> str:
         """Import onnxruntime; its session's intra-op pool is sized by open(), not here."""

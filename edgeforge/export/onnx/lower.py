@@ -78,10 +78,11 @@ def _cpu_kernel_check(model):
     return runs
 
 
-def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | None, eos_id: int | list[int] | None,
-                 pad_id: int | None, share_buffer: bool = False) -> dict:
-    """The genai_config.json of a decoder artifact (greedy search by default; ``eos_id`` may list several;
-    ``share_buffer``: past and present key/values are one max-length buffer updated in place)."""
+def genai_config(config, *, model_type: str, max_seq_len: int, model_file: str, bos_id: int | None,
+                 eos_id: int | list[int] | None, pad_id: int | None, share_buffer: bool = False) -> dict:
+    """The genai_config.json of a decoder artifact (``model_type``: genai's name for the architecture, its
+    ``genai_model_type``; greedy search by default; ``eos_id`` may list several; ``share_buffer``: past and
+    present key/values are one max-length buffer updated in place)."""
     from edgeforge.export.onnx.graph import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
     genai = {
@@ -105,7 +106,7 @@ def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | Non
             "eos_token_id": eos_id,
             "pad_token_id": pad_id if pad_id is not None else (eos_id if isinstance(eos_id, int) else
                                                                  eos_id[0] if eos_id else 0),
-            "type": "llama",
+            "type": model_type,
             "vocab_size": config.vocab_size,
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
@@ -119,7 +120,7 @@ def genai_config(config, *, max_seq_len: int, model_file: str, bos_id: int | Non
     return genai
 
 
-def write_genai_files(source, out_dir: Path, *, max_seq_len: int, share_buffer: bool = False) -> dict:
+def write_genai_files(source, out_dir: Path, *, model_type: str, max_seq_len: int, share_buffer: bool = False) -> dict:
     """genai_config.json, and tokenizer.json when the checkpoint's tokenizer is not one already.
     ``share_buffer``: the graph attends with GroupQueryAttention, which updates a max-length cache in place."""
     from edgeforge.checkpoints.tokenizers import end_of_sequence_ids
@@ -130,8 +131,9 @@ def write_genai_files(source, out_dir: Path, *, max_seq_len: int, share_buffer: 
     bos_id = getattr(tokenizer, "bos_id", None)
     eos_ids = end_of_sequence_ids(tokenizer)
     eos_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids or None  # genai_config takes an int or a list
-    write_json_atomic(out_dir / GENAI_CONFIG, genai_config(source.config, max_seq_len=max_seq_len,
-                                                           model_file=MODEL_FILE, bos_id=bos_id, eos_id=eos_id,
+    write_json_atomic(out_dir / GENAI_CONFIG, genai_config(source.config, model_type=model_type,
+                                                           max_seq_len=max_seq_len, model_file=MODEL_FILE,
+                                                           bos_id=bos_id, eos_id=eos_id,
                                                            pad_id=getattr(tokenizer, "pad_id", None),
                                                            share_buffer=share_buffer))
     if any(file.name == "tokenizer.json" for file in source.tokenizer_files):
