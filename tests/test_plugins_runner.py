@@ -31,6 +31,9 @@ FACTS = dict(cpu_model="toy-npu", logical_cpus=8, usable_cpus=8, threads=2, gove
 class ToyRunner:
     name = "toy"
 
+    def __init__(self, device):
+        self.device = device
+
     def environment(self, *, threads):
         threads = threads or 2
         return Environment(threads=threads, cores=[0, 1], machine=Machine(**{**FACTS, "threads": threads}).to_dict())
@@ -106,7 +109,7 @@ def toy_runner(tmp_path, monkeypatch):
 def test_toy_runner_from_outside_the_package_is_listed_and_its_samples_reach_the_report(toy_runner, tmp_path,
                                                                                       stories_int4):
     help_text = CliRunner().invoke(main, ["bench", "--help"]).output
-    assert "[local|toy]" in help_text, help_text
+    assert "[local|ssh|toy]" in help_text, help_text
 
     out = tmp_path / "bench.json"
     args = ["bench", str(stories_int4), "--runner", "toy", "--prompt-lengths", "4,8", "--decode-tokens", "3",
@@ -136,7 +139,7 @@ def test_toy_runner_from_outside_the_package_is_listed_and_its_samples_reach_the
 def test_unknown_runner_is_refused_with_the_registered_names(toy_runner, stories_int4):
     result = CliRunner().invoke(main, ["bench", str(stories_int4), "--runner", "adb"])
     assert result.exit_code == 2, result.output + result.stderr
-    assert "'adb' is not one of 'local', 'toy'" in result.stderr and "Traceback" not in result.stderr
+    assert "'adb' is not one of 'local', 'ssh', 'toy'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bench_api_refuses_an_unknown_runner_naming_the_known_ones(stories_int4):

@@ -93,4 +93,4 @@ def _emit_json(record: dict, destination: str | None) -> None:
         write_json_atomic(destination, record)
 
 
-from edgeforge.cli import export, forge, models, quantize, verify  # noqa: E402,F401  (register commands)
+from edgeforge.cli import devices, export, forge, models, quantize, verify  # noqa: E402,F401  (register commands)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from edgeforge.cli import RegistryChoice, main, _progress, _emit_json
+from edgeforge.errors import ConfigError, RuntimeFailure
 from edgeforge.runners import DEFAULT_RUNNER, RUNNERS
 
 
@@ -48,7 +49,7 @@ def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=str))
+@click.argument("artifacts", metavar="ARTIFACT...", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--reference", type=click.Path(path_type=str),
               help="fp32 checkpoint run eager beside it (default: the one the artifact's manifests name).")
 @click.option("--prompt-lengths", metavar="N,N,...", help="Prefill tests, comma-separated token counts (default 16,64,256).")
@@ -59,19 +60,63 @@ def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_
 @click.option("--bandwidth-mib", type=click.IntRange(1), help="Working set of the bandwidth test (default: above 4x the last-level cache).")
 @click.option("--runner", type=RegistryChoice(RUNNERS),
               help=f"Where the models run: a runner of the edgeforge.runners entry-point group (default {DEFAULT_RUNNER}).")
+@click.option("--farm", type=click.Path(path_type=str),
+              help="A farm TOML: bench every ARTIFACT on each of its devices, devices in parallel (the matrix).")
+@click.option("--devices", "device_expression", metavar="EXPR",
+              help="With --farm: only the devices matching every term, e.g. os=linux,soc=sm8650, or a device name.")
+@click.option("--baseline", type=click.Path(path_type=str),
+              help="With --farm: the artifact tok/s ratios are taken against on each device (default: the first).")
+@click.option("--max-cv", type=click.FloatRange(0, min_open=True),
+              help="With --farm: a figure whose coefficient of variation exceeds this is marked unstable (default 0.1).")
+@click.option("--retries", type=click.IntRange(0), help="With --farm: new sessions on a device that fails (default 2).")
+@click.option("--output-dir", "-o", type=click.Path(path_type=str),
+              help="With --farm (required): each finished job is written here at once; a rerun skips those.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the record, raw samples included, as JSON to FILE ('-' for stdout only).")
-def bench(artifact, reference, prompt_lengths, decode_tokens, repetitions, warmup, threads, bandwidth_mib, runner,
-          json_path) -> None:
+def bench(artifacts, reference, prompt_lengths, decode_tokens, repetitions, warmup, threads, bandwidth_mib, runner,
+          farm, device_expression, baseline, max_cv, retries, output_dir, json_path) -> None:
     """Measure load time, TTFT, prefill and decode tokens/s, peak RSS and the bandwidth ceiling, beside the fp32 reference.
 
     Example: edgeforge bench llama-int4.pte.d --prompt-lengths 16,128 -r 5 --json bench.json
+
+    With --farm: every ARTIFACT on every device, e.g. edgeforge bench a.pte.d b.pte.d --farm farm.toml -o runs/
     """
     from edgeforge.verify.bench import BenchSettings, bench as run_bench, format_bench
 
     settings = BenchSettings.from_options(prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
                                           repetitions=repetitions, warmup=warmup, threads=threads,
                                           bandwidth_bytes=bandwidth_mib and bandwidth_mib * 2**20)
-    record = run_bench(artifact, reference=reference, settings=settings, runner=runner, progress=_progress)
+    farm_only = {"--devices": device_expression, "--baseline": baseline, "--max-cv": max_cv, "--retries": retries,
+                 "--output-dir": output_dir}
+    if farm is not None:
+        if reference is not None or runner is not None:
+            raise ConfigError("--reference and --runner do not apply with --farm (give the reference as an ARTIFACT; "
+                              "each device's kind names its runner)")
+        return _bench_matrix(artifacts, farm, device_expression, settings, baseline, max_cv, retries, output_dir,
+                             json_path)
+    if len(artifacts) > 1 or any(value is not None for value in farm_only.values()):
+        used = [name for name, value in farm_only.items() if value is not None]
+        raise ConfigError(f"{'several ARTIFACTs' if len(artifacts) > 1 else ', '.join(used)}: only with --farm")
+    record = run_bench(artifacts[0], reference=reference, settings=settings, runner=runner, progress=_progress)
     if json_path != "-":
         click.echo(format_bench(record))
     _emit_json(record.to_dict(), json_path)
+
+
+def _bench_matrix(artifacts, farm, device_expression, settings, baseline, max_cv, retries, output_dir,
+                  json_path) -> None:
+    """bench --farm: the matrix's table and record; exit 3 after them if a device failed on every attempt."""
+    from edgeforge.runners.farm import load_farm
+    from edgeforge.verify.matrix import DEFAULT_MAX_CV, DEFAULT_RETRIES, bench_matrix, format_matrix
+
+    if output_dir is None:
+        raise ConfigError("--farm needs --output-dir: every finished job is written there as it finishes")
+    devices = load_farm(farm).select(device_expression)
+    record = bench_matrix(list(artifacts), devices, output_dir, settings=settings, baseline=baseline,
+                          max_cv=DEFAULT_MAX_CV if max_cv is None else max_cv,
+                          retries=DEFAULT_RETRIES if retries is None else retries, progress=_progress)
+    if json_path != "-":
+        click.echo(format_matrix(record))
+    _emit_json(record.to_dict(), json_path)
+    if record.failures:
+        raise RuntimeFailure(f"{', '.join(failure.device for failure in record.failures)} failed on every attempt; "
+                             f"their jobs were not written and a rerun with the same -o tries them again")

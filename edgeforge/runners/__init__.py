@@ -1,7 +1,7 @@
 """Runners: where bench runs a model, behind one protocol (this machine's processes; later a phone over adb,
 a board over ssh, a device farm).
 
-    runner = RUNNERS.get("local")
+    runner = runner_for(default_device("local"))   # edgeforge.runners.farm: a farm file's devices, or none
     environment = runner.environment(threads=None)
     bandwidth = runner.measure_bandwidth(environment, repetitions=5, size_bytes=None, probe_bytes=(10**6,))
     with runner.prepare(model, environment) as prepared:      # model: edgeforge.verify.bench_models.BenchModel
@@ -9,9 +9,11 @@ a board over ssh, a device farm).
         samples = prepared.run(Workload(prompts=[[1, 2, 3]], decode_context=[1, 2, 3], decode_tokens=8))
         peak_rss_bytes = prepared.finish()
 
-A runner is added by a class with these methods and an entry point in the group ``edgeforge.runners``
-(built-ins register there too, in edgeforge's own ``pyproject.toml``); ``edgeforge bench --runner NAME``
-takes its choices from :data:`RUNNERS`. Importing this package imports neither torch nor a runtime.
+A runner is added by a class with these methods, made with the farm's ``Device`` it measures on
+(``RunnerClass(device)``; its connection fields are the class's ``Connection`` dataclass, see
+:mod:`edgeforge.runners.farm`), and an entry point in the group ``edgeforge.runners`` (built-ins register there
+too, in edgeforge's own ``pyproject.toml``); ``edgeforge bench --runner NAME`` takes its choices from
+:data:`RUNNERS`, which holds the classes. Importing this package imports neither torch nor a runtime.
 """
 
 from __future__ import annotations
@@ -86,9 +88,13 @@ class PreparedModel(Protocol):
 
 class Runner(Protocol):
     name: str  # short lowercase registry name: "local", "adb", "ssh"
+    device: object  # the edgeforge.runners.farm.Device it was made for
+
+    def __init__(self, device) -> None: ...
 
     def environment(self, *, threads: int | None) -> Environment:
-        """The device's facts, with ``threads`` resolved (None: every CPU the device lets us use)."""
+        """The device's facts, with ``threads`` resolved (None: the device's ``threads``, else every CPU its
+        ``cpu_mask`` and the device let us use)."""
 
     def measure_bandwidth(self, environment: Environment, *, repetitions: int, size_bytes: int | None,
                           probe_bytes: tuple[int, ...]):
@@ -100,6 +106,11 @@ class Runner(Protocol):
         """Put ``model`` (``edgeforge.verify.bench_models.BenchModel``) on the device, pinned and threaded as
         ``environment`` says."""
 
+    def probe(self) -> dict:
+        """For ``edgeforge devices`` (optional: a runner without it is listed as unchecked): what the device runs,
+        as ``local_worker``'s probe reports it (python, edgeforge, cpus, versions, runtimes: artifact format ->
+        None or why its runtime does not import); RuntimeFailure when the device cannot be reached."""
 
-RUNNERS: Registry[Runner] = Registry("runners", "runner", make=lambda runner_class: runner_class())
+
+RUNNERS: Registry[type[Runner]] = Registry("runners", "runner")
 DEFAULT_RUNNER = "local"  # this machine: every model in its own process

@@ -1,4 +1,5 @@
-"""The process that holds one model while the ``local`` runner (:mod:`edgeforge.runners.local`) measures it.
+"""The process that holds one model while the ``local`` runner (:mod:`edgeforge.runners.local`) measures it
+(or the ``ssh`` runner, which starts it on the remote machine over an SSH channel).
 
     python -m edgeforge.runners.local_worker [--bandwidth-only]    (started by the runner; not a user command)
 
@@ -43,6 +44,34 @@ class Worker:
         torch.set_num_threads(threads)
         self.threads_note = f"torch.set_num_threads({threads}), CPU affinity {cores}"
         return {}
+
+    def op_environment(self, *, threads: int | None, cpu_mask: list[int] | None) -> dict:
+        """This machine's facts (for a runner that started this worker on another machine: ssh)."""
+        from dataclasses import asdict
+
+        from edgeforge.runners.local import machine_environment
+
+        return asdict(machine_environment(threads=threads, cpu_mask=cpu_mask))
+
+    def op_probe(self) -> dict:
+        """What this machine runs (``edgeforge devices``): versions, CPUs, and each artifact format's runtime
+        imported for real (None, or the first line of why it fails)."""
+        import platform
+
+        from edgeforge import __version__
+        from edgeforge.export.artifact import EXPORTERS
+        from edgeforge.provenance import package_versions
+        from edgeforge.verify.machine import VERSIONED_PACKAGES
+
+        runtimes = {}
+        for format in EXPORTERS.names():
+            try:
+                EXPORTERS.get(format).prepare_runtime(1)
+                runtimes[format] = None
+            except Exception as exc:  # reported per format: the device runs the others
+                runtimes[format] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        return {"python": platform.python_version(), "edgeforge": __version__, "cpus": len(os.sched_getaffinity(0)),
+                "versions": package_versions(*VERSIONED_PACKAGES), "runtimes": runtimes}
 
     def op_bandwidth(self, *, threads: int, repetitions: int, size_bytes: int | None, probe_bytes: list[int]) -> dict:
         from edgeforge.verify.machine import measure_bandwidth

@@ -88,10 +88,11 @@ def bench(artifact: str | Path, *, reference: str | Path | None = None, settings
           runner: str | None = None, progress: Callable[[str], None] | None = None) -> BenchReport:
     """Measure ``artifact`` and its fp32 eager reference (``reference``, or the one its manifests name) on the
     device of ``runner`` (a name in :data:`edgeforge.runners.RUNNERS`; None: ``DEFAULT_RUNNER``)."""
-    from edgeforge.runners import DEFAULT_RUNNER, RUNNERS
+    from edgeforge.runners import DEFAULT_RUNNER
+    from edgeforge.runners.farm import default_device, runner_for
 
     say = progress or (lambda message: None)
-    device = RUNNERS.get(runner or DEFAULT_RUNNER)
+    device = runner_for(default_device(runner or DEFAULT_RUNNER))
     candidate = describe_bench_model(artifact)
     reference_path = reference if reference is not None else default_reference(candidate)
     models = [candidate] + ([describe_bench_model(reference_path)] if reference_path is not None else [])
@@ -100,25 +101,22 @@ def bench(artifact: str | Path, *, reference: str | Path | None = None, settings
                           f"{candidate.path} has {candidate.config.vocab_size}: not the same model")
     if len(models) > 1:  # same KV-cache length, so attention costs the same
         models[1] = replace(models[1], max_seq_len=min(candidate.max_seq_len, models[1].config.max_seq_len))
-    _check_lengths(settings, models)
+    check_lengths(settings, models)
     environment = device.environment(threads=settings.threads)
     threads, cores, machine = environment.threads, environment.cores, Machine(**environment.machine)
     caveats = [f"{threads} threads on {len(cores)} CPUs: oversubscribed"] if threads > len(cores) else []
     caveats += [warning for model in models for warning in model.warnings]
-    rng = random.Random(settings.seed)
-    prompts = [[rng.randrange(candidate.config.vocab_size) for _ in range(n)] for n in settings.prompt_lengths]
-    context = prompts[settings.prompt_lengths.index(min(settings.prompt_lengths))]
+    workload = draw_workload(settings, candidate.config.vocab_size)
+    prompts, context = workload.prompts, workload.decode_context
 
     if machine.load_average_1m > machine.usable_cpus:
         caveats.append(f"load average {machine.load_average_1m:.1f} on {machine.usable_cpus} CPUs: other "
                        "processes compete for them, so timings are noisy (see the IQR) and multi-threaded runs "
                        "suffer most (a descheduled thread stalls every parallel op)")
-    bandwidth, loads, runs, peaks = _measure(device, environment, models, settings,
-                                             Workload(prompts=prompts, decode_context=context,
-                                                      decode_tokens=settings.decode_tokens), say=say)
+    bandwidth, loads, runs, peaks = measure_interleaved(device, environment, models, settings, workload, say=say)
     if bandwidth.note:
         caveats.append(f"bandwidth: {bandwidth.note}")
-    results = [_model_result(role, model, load, peak, run, settings, bandwidth)
+    results = [model_result(role, model, load, peak, run, settings, bandwidth)
                for role, model, load, peak, run in zip(("candidate", "reference"), models, loads, peaks, runs)]
     if len(results) > 1:
         results[0] = replace(results[0], tests=[
@@ -131,8 +129,16 @@ def bench(artifact: str | Path, *, reference: str | Path | None = None, settings
                        machine=machine, caveats=caveats)
 
 
-def _measure(device, environment, models: list[BenchModel], settings: BenchSettings, workload: Workload, *,
-             say: Callable[[str], None]):
+def draw_workload(settings: BenchSettings, vocab_size: int) -> Workload:
+    """The timed round: prompts of random token ids drawn with ``settings.seed``; decode starts after the shortest."""
+    rng = random.Random(settings.seed)
+    prompts = [[rng.randrange(vocab_size) for _ in range(n)] for n in settings.prompt_lengths]
+    context = prompts[settings.prompt_lengths.index(min(settings.prompt_lengths))]
+    return Workload(prompts=prompts, decode_context=context, decode_tokens=settings.decode_tokens)
+
+
+def measure_interleaved(device, environment, models: list[BenchModel], settings: BenchSettings, workload: Workload,
+                        *, say: Callable[[str], None]):
     """Bandwidth, then every model prepared on the runner's device: load, warm-up and timed rounds (ABBA),
     peak RSS."""
     say(f"measuring memory bandwidth with {environment.threads} thread(s) ...")
@@ -159,7 +165,7 @@ def _measure(device, environment, models: list[BenchModel], settings: BenchSetti
     return bandwidth, loads, runs, peaks
 
 
-def _check_lengths(settings: BenchSettings, models: list[BenchModel]) -> None:
+def check_lengths(settings: BenchSettings, models: list[BenchModel]) -> None:
     for model in models:
         longest = max(max(settings.prompt_lengths), min(settings.prompt_lengths) + settings.decode_tokens)
         if longest > model.max_seq_len:
@@ -168,7 +174,7 @@ def _check_lengths(settings: BenchSettings, models: list[BenchModel]) -> None:
                               "--decode-tokens")
 
 
-def _model_result(role: str, model: BenchModel, load: LoadFacts, peak_rss: int, runs: list[Samples],
+def model_result(role: str, model: BenchModel, load: LoadFacts, peak_rss: int, runs: list[Samples],
                   settings: BenchSettings, bandwidth: Bandwidth) -> ModelResult:
     tests = []
     for index, length in enumerate(settings.prompt_lengths):
