@@ -13,6 +13,7 @@ def summarize(checkpoint: Checkpoint) -> dict:
         "format": checkpoint.format,
         "architecture": checkpoint.architecture,
         "config": checkpoint.config.to_dict(),
+        "shape": checkpoint.config.shape_line(),
         "parameter_count": checkpoint.parameter_count,
         "tensor_count": len(checkpoint.tensors),
         "dtypes": checkpoint.dtype_counts(),
@@ -29,17 +30,6 @@ def summarize(checkpoint: Checkpoint) -> dict:
 
 def format_summary(record: dict) -> str:
     """Human-readable table of a :func:`summarize` record."""
-    config = record["config"]
-    if record["architecture"] == "llama":
-        heads = f"{config['n_heads']}/{config['n_kv_heads']} (q/kv)"
-        shape = (f"dim {config['dim']}, {config['n_layers']} layers, heads {heads}, head_dim {config['head_dim']}, "
-                 f"ffn {config['hidden_dim']}, vocab {config['vocab_size']}, context {config['max_seq_len']}, "
-                 f"rope theta {config['rope_theta']:g}"
-                 + (f" ({config['rope_scaling']['kind']} x{config['rope_scaling']['factor']:g})"
-                    if config["rope_scaling"] else "")
-                 + (", tied embeddings" if config["tie_embeddings"] else ""))
-    else:
-        shape = ", ".join(f"{k} {v}" for k, v in config.items())
     total = record["parameter_count"]
     dtypes = ", ".join(f"{name} {count / total:.0%}" for name, count in
                        sorted(record["dtypes"].items(), key=lambda item: -item[1]))
@@ -53,7 +43,7 @@ def format_summary(record: dict) -> str:
         ("path", record["path"]),
         ("format", record["format"] + "".join(f", {k} {v}" for k, v in record["metadata"].items())),
         ("architecture", record["architecture"]),
-        ("shape", shape),
+        ("shape", record["shape"]),
         ("parameters", f"{total:,} ({_human(total)}) in {record['tensor_count']} tensors"),
         ("dtypes", dtypes),
         ("size on disk", f"{record['size_bytes']:,} bytes ({_human(record['size_bytes'], 1024)}B)"),

@@ -69,6 +69,10 @@ class BertConfig:
         if self.max_seq_len > self.max_positions:
             raise ConfigError(f"max_seq_len ({self.max_seq_len}) exceeds max_positions ({self.max_positions})")
 
+    def shape_line(self) -> str:
+        """One line of the model's shape, for `inspect`."""
+        return ", ".join(f"{key} {value}" for key, value in self.to_dict().items())
+
     def to_dict(self) -> dict:
         """Plain-JSON form, for manifests and `inspect --json`."""
         return asdict(self)

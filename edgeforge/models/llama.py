@@ -78,6 +78,14 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
+    def shape_line(self) -> str:
+        """One line of the model's shape, for `inspect`."""
+        scaling = self.rope_scaling
+        return (f"dim {self.dim}, {self.n_layers} layers, heads {self.n_heads}/{self.n_kv_heads} (q/kv), "
+                f"head_dim {self.head_dim}, ffn {self.hidden_dim}, vocab {self.vocab_size}, context {self.max_seq_len}, "
+                f"rope theta {self.rope_theta:g}" + (f" ({scaling.kind} x{scaling.factor:g})" if scaling else "")
+                + (", tied embeddings" if self.tie_embeddings else ""))
+
     def to_dict(self) -> dict:
         """Plain-JSON form, for manifests and `inspect --json`."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("rope_scaling", "extra")}
