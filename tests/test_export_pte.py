@@ -215,6 +215,7 @@ def test_xnnpack_receives_edgeforge_integers_and_scales(scheme, tiny_llama, tmp_
         assert torch.equal(delegated[f"core.{name}.scale"].reshape(module.scale.shape), module.scale), name
     report = delegation_report(program.exported_program())
     assert "quantized_decomposed::embedding_byte.out" in report["ops_outside_delegate"]  # int8 table, no float copy
+    assert 0.5 < report["delegated_parameter_share"] < 1  # the integer linears inside, the embedding table outside
     embedding, kept = source.model.tok_embeddings, program.exported_program().state_dict
     assert isinstance(embedding, QuantizedEmbedding)
     assert torch.equal(kept["core.tok_embeddings.parametrizations.weight.original0"], embedding.qdata)

@@ -94,7 +94,11 @@ def kernel_name(node) -> str | None:
 
 
 def _parameter_bytes(program) -> int:
-    """Bytes of a program's parameters (weights, their integers and scales; not caches or RoPE tables)."""
-    tensors = program.state_dict
-    return sum(tensors[name].numel() * tensors[name].element_size()
-               for name in program.graph_signature.inputs_to_parameters.values() if name in tensors)
+    """Bytes of the constants a program holds: parameters, lifted constants and buffers that are never written
+    (quantized weights are buffers or constants, not parameters); the KV caches, which it writes, are left out."""
+    signature = program.graph_signature
+    written = set(signature.buffers_to_mutate.values())
+    names = [*signature.inputs_to_parameters.values(), *signature.inputs_to_lifted_tensor_constants.values(),
+             *(name for name in signature.inputs_to_buffers.values() if name not in written)]
+    tensors = [program.state_dict.get(name, program.constants.get(name)) for name in names]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
