@@ -267,8 +267,11 @@ def test_matrix_over_two_ssh_boards_and_local_keeps_results_when_one_board_drops
     from edgeforge.runners.farm import load_farm
     from edgeforge.verify.matrix import bench_matrix
 
-    dropping = tmp_path / "dropping-python"  # every worker process hears three requests, then its device is gone
-    dropping.write_text("#!/bin/sh\n{ for request in 1 2 3; do IFS= read -r line || break; printf '%s\\n' \"$line\"; "
+    # every worker process hears seven requests (setup, load, identity, then the warm-up round's conditions, run and
+    # conditions, and the first sample's conditions), then its device is gone: during the first timed run
+    dropping = tmp_path / "dropping-python"
+    dropping.write_text("#!/bin/sh\n{ for request in 1 2 3 4 5 6 7; do IFS= read -r line || break; printf '%s\\n' "
+                        "\"$line\"; "
                         f"done; }} | exec {sshd.python} \"$@\"\n")
     dropping.chmod(0o755)
     settings = BenchSettings(prompt_lengths=(4, 8), decode_tokens=4, repetitions=ROUNDS, warmup=1, threads=1,
@@ -289,6 +292,9 @@ def test_matrix_over_two_ssh_boards_and_local_keeps_results_when_one_board_drops
         for test in raw.result.tests:
             assert metrics[f"{test.name} tok/s"].estimate.median == statistics.median(test.samples_tok_s)
     assert first.jobs[0].device_entry["connection"]["host"] == "127.0.0.1" and first.jobs[0].cores == [0]
+    board_model = first.jobs[0].result
+    assert board_model.provenance.command == [str(sshd.python), "-m", "edgeforge.runners.local_worker"]
+    assert [r.timed for r in board_model.rounds] == [False] + [True] * ROUNDS and board_model.rounds[1].before
 
     sessions = []
     monkeypatch.setattr(matrix, "runner_for", lambda device: sessions.append(device.name) or RUNNERS.get(

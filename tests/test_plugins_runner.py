@@ -109,7 +109,7 @@ def toy_runner(tmp_path, monkeypatch):
 def test_toy_runner_from_outside_the_package_is_listed_and_its_samples_reach_the_report(toy_runner, tmp_path,
                                                                                       stories_int4):
     help_text = CliRunner().invoke(main, ["bench", "--help"]).output
-    assert "[local|ssh|toy]" in help_text, help_text
+    assert "[adb|aihub|local|ssh|toy]" in help_text, help_text
 
     out = tmp_path / "bench.json"
     args = ["bench", str(stories_int4), "--runner", "toy", "--prompt-lengths", "4,8", "--decode-tokens", "3",
@@ -137,9 +137,10 @@ def test_toy_runner_from_outside_the_package_is_listed_and_its_samples_reach_the
 
 
 def test_unknown_runner_is_refused_with_the_registered_names(toy_runner, stories_int4):
-    result = CliRunner().invoke(main, ["bench", str(stories_int4), "--runner", "adb"])
+    result = CliRunner().invoke(main, ["bench", str(stories_int4), "--runner", "telnet"])
     assert result.exit_code == 2, result.output + result.stderr
-    assert "'adb' is not one of 'local', 'ssh', 'toy'" in result.stderr and "Traceback" not in result.stderr
+    assert "'telnet' is not one of 'adb', 'aihub', 'local', 'ssh', 'toy'" in result.stderr and \
+        "Traceback" not in result.stderr
 
 
 def test_bench_api_refuses_an_unknown_runner_naming_the_known_ones(stories_int4):
@@ -147,4 +148,4 @@ def test_bench_api_refuses_an_unknown_runner_naming_the_known_ones(stories_int4)
     from edgeforge.verify.bench import bench
 
     with pytest.raises(UnknownNameError, match="local"):
-        bench(stories_int4, runner="adb")
+        bench(stories_int4, runner="telnet")

@@ -161,7 +161,8 @@ def test_farm_loads_devices_resolves_paths_and_selects_by_labels_or_name(tmp_pat
 
 
 @pytest.mark.parametrize("table, message", [
-    ('name = "x"\nkind = "adb"\n', r"device 'x': unknown runner kind 'adb'; known: local, ssh"),
+    ('name = "x"\nkind = "telnet"\n', r"device 'x': unknown runner kind 'telnet'; known: adb, (.+, )?local, ssh"),
+    ('name = "x"\nkind = "adb"\n', r"device 'x': missing serial, runner \(kind 'adb' needs serial, runner\)"),
     ('name = "x"\nkind = "ssh"\nhost = "h"\n', r"device 'x': missing user, identity_file, known_hosts, python, "
                                                r"workdir \(kind 'ssh' needs host, user, "),
     ('name = "x"\nkind = "local"\nhost = "h"\n', r"device 'x': unknown key\(s\) host for kind 'local'"),

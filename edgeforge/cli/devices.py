@@ -47,8 +47,8 @@ def format_devices(report) -> str:
         runtimes = ", ".join(f"{format} {'ok' if problem is None else 'FAILS: ' + problem}"
                              for format, problem in status.runtimes.items())
         versions = ", ".join(f"{name} {version}" for name, version in status.versions.items() if version)
-        rows.append((device.name, device.kind, labels, "ok", status.python, status.edgeforge, str(status.cpus),
-                     f"{runtimes} ({versions})"))
+        rows.append((device.name, device.kind, labels, "ok", status.python or "-", status.edgeforge or "-",
+                     str(status.cpus or "-"), f"{runtimes} ({versions})"))
     widths = [max(len(row[i]) for row in (header, *rows) if i < len(row) - 1) for i in range(len(header) - 1)]
     return "\n".join("  ".join([cell.ljust(width) for cell, width in zip(row[:-1], widths)] + [row[-1]]).rstrip()
                      for row in (header, *rows))

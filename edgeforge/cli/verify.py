@@ -56,6 +56,12 @@ def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_
 @click.option("--decode-tokens", type=click.IntRange(1), help="Tokens per decode test (default 32).")
 @click.option("--repetitions", "-r", type=click.IntRange(1), help="Timed rounds (default 5).")
 @click.option("--warmup", type=click.IntRange(0), help="Untimed rounds first (default 1).")
+@click.option("--warmup-s", type=click.FloatRange(0), help="Warm up for at least this many seconds too (default 0).")
+@click.option("--cooldown-s", type=click.FloatRange(0), help="Sleep this long before each timed sample (default 0).")
+@click.option("--max-temp-c", type=click.FloatRange(0, min_open=True),
+              help="Before each timed sample, wait until the hottest thermal zone is under this (°C).")
+@click.option("--max-temp-wait-s", type=click.FloatRange(0, min_open=True),
+              help="The most the --max-temp-c gate waits before sampling anyway (default 300).")
 @click.option("--threads", "-t", type=click.IntRange(1), help="CPU threads (default: every CPU this process may use).")
 @click.option("--bandwidth-mib", type=click.IntRange(1), help="Working set of the bandwidth test (default: above 4x the last-level cache).")
 @click.option("--runner", type=RegistryChoice(RUNNERS),
@@ -71,9 +77,12 @@ def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_
 @click.option("--retries", type=click.IntRange(0), help="With --farm: new sessions on a device that fails (default 2).")
 @click.option("--output-dir", "-o", type=click.Path(path_type=str),
               help="With --farm (required): each finished job is written here at once; a rerun skips those.")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="With --farm: run each device's session on the Ray node offering edgeforge-device:NAME, e.g. --ray auto.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the record, raw samples included, as JSON to FILE ('-' for stdout only).")
-def bench(artifacts, reference, prompt_lengths, decode_tokens, repetitions, warmup, threads, bandwidth_mib, runner,
-          farm, device_expression, baseline, max_cv, retries, output_dir, json_path) -> None:
+def bench(artifacts, reference, prompt_lengths, decode_tokens, repetitions, warmup, warmup_s, cooldown_s, max_temp_c,
+          max_temp_wait_s, threads, bandwidth_mib, runner, farm, device_expression, baseline, max_cv, retries,
+          output_dir, json_path, ray_address) -> None:
     """Measure load time, TTFT, prefill and decode tokens/s, peak RSS and the bandwidth ceiling, beside the fp32 reference.
 
     Example: edgeforge bench llama-int4.pte.d --prompt-lengths 16,128 -r 5 --json bench.json
@@ -83,16 +92,18 @@ def bench(artifacts, reference, prompt_lengths, decode_tokens, repetitions, warm
     from edgeforge.verify.bench import BenchSettings, bench as run_bench, format_bench
 
     settings = BenchSettings.from_options(prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
-                                          repetitions=repetitions, warmup=warmup, threads=threads,
+                                          repetitions=repetitions, warmup=warmup, warmup_s=warmup_s,
+                                          cooldown_s=cooldown_s, max_temp_c=max_temp_c,
+                                          max_temp_wait_s=max_temp_wait_s, threads=threads,
                                           bandwidth_bytes=bandwidth_mib and bandwidth_mib * 2**20)
     farm_only = {"--devices": device_expression, "--baseline": baseline, "--max-cv": max_cv, "--retries": retries,
-                 "--output-dir": output_dir}
+                 "--output-dir": output_dir, "--ray": ray_address}
     if farm is not None:
         if reference is not None or runner is not None:
             raise ConfigError("--reference and --runner do not apply with --farm (give the reference as an ARTIFACT; "
                               "each device's kind names its runner)")
         return _bench_matrix(artifacts, farm, device_expression, settings, baseline, max_cv, retries, output_dir,
-                             json_path)
+                             json_path, ray_address)
     if len(artifacts) > 1 or any(value is not None for value in farm_only.values()):
         used = [name for name, value in farm_only.items() if value is not None]
         raise ConfigError(f"{'several ARTIFACTs' if len(artifacts) > 1 else ', '.join(used)}: only with --farm")
@@ -103,17 +114,26 @@ def bench(artifacts, reference, prompt_lengths, decode_tokens, repetitions, warm
 
 
 def _bench_matrix(artifacts, farm, device_expression, settings, baseline, max_cv, retries, output_dir,
-                  json_path) -> None:
-    """bench --farm: the matrix's table and record; exit 3 after them if a device failed on every attempt."""
+                  json_path, ray_address) -> None:
+    """bench --farm: the matrix's table, record and page (matrix.html); exit 3 after them if a device failed on
+    every attempt."""
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from edgeforge.report.matrix_html import MATRIX_HTML, write_matrix_html
     from edgeforge.runners.farm import load_farm
+    from edgeforge.verify.matrix_ray import RaySessions
     from edgeforge.verify.matrix import DEFAULT_MAX_CV, DEFAULT_RETRIES, bench_matrix, format_matrix
 
     if output_dir is None:
         raise ConfigError("--farm needs --output-dir: every finished job is written there as it finishes")
     devices = load_farm(farm).select(device_expression)
-    record = bench_matrix(list(artifacts), devices, output_dir, settings=settings, baseline=baseline,
-                          max_cv=DEFAULT_MAX_CV if max_cv is None else max_cv,
-                          retries=DEFAULT_RETRIES if retries is None else retries, progress=_progress)
+    with RaySessions(ray_address) if ray_address is not None else nullcontext() as run_session:
+        record = bench_matrix(list(artifacts), devices, output_dir, settings=settings, baseline=baseline,
+                              max_cv=DEFAULT_MAX_CV if max_cv is None else max_cv,
+                              retries=DEFAULT_RETRIES if retries is None else retries, progress=_progress,
+                              run_session=run_session)
+    write_matrix_html(record, Path(output_dir) / MATRIX_HTML)
     if json_path != "-":
         click.echo(format_matrix(record))
     _emit_json(record.to_dict(), json_path)

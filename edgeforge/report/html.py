@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from edgeforge.verify.bench_record import BenchReport
     from edgeforge.verify.report import VerifyReport
 
-_STYLE = """
+STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:72rem;color:#1b1f24;padding:0 1rem}
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}td,th{border:1px solid #d0d7de;padding:.2rem .5rem;text-align:left}
@@ -31,21 +31,29 @@ def render_html(report: ForgeReport) -> str:
     sections = [_summary(report), _quantize_section(report.quantize), _export_section(report.export),
                 _verify_section(report.verify), _bench_section(report.bench), _provenance(report)]
     title = f"edgeforge report: {Path(report.source.path).name} · {report.recipe.name} · {report.target.name}"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_STYLE}</style>"
-            f"</head><body><h1>{_e(title)}</h1>{''.join(s for s in sections if s)}</body></html>")
+    return page(title, sections)
+
+
+def page(title: str, sections: list[str]) -> str:
+    """A self-contained HTML document: ``title`` (escaped here) as its title and heading, then the non-empty
+    ``sections`` (HTML)."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{STYLE}</style>"
+            f"</head><body><h1>{escape(title)}</h1>{''.join(s for s in sections if s)}</body></html>")
 
 
 def write_html(report: ForgeReport, path: str | Path) -> None:
     write_text_atomic(path, render_html(report))
 
 
-def _e(value) -> str:
+def escape(value) -> str:
+    """``value`` as text safe inside HTML."""
     return html.escape(str(value))
 
 
-def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td class='{'num' if i >= numeric_from else ''}'>{_e(c)}</td>"
+def html_table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    """A table of escaped cells; columns from ``numeric_from`` on are right-aligned."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class='{'num' if i >= numeric_from else ''}'>{escape(c)}</td>"
                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -54,7 +62,8 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _png(figure) -> str:
+def inline_png(figure) -> str:
+    """A matplotlib figure as an <img> with the PNG inline (the figure is closed)."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -63,13 +72,14 @@ def _png(figure) -> str:
     return f"<img alt='plot' src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float, columns: int = 1):
+    """A headless matplotlib figure (inches) and its axis, or ``columns`` axes side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height))
+    return plt.subplots(ncols=columns, figsize=(width, height))
 
 
 def _summary(report: ForgeReport) -> str:
@@ -91,8 +101,8 @@ def _summary(report: ForgeReport) -> str:
     if candidate_decode and candidate_decode.speedup:
         speed = (f"decode {candidate_decode.tok_s.median:.1f} tok/s, {candidate_decode.speedup.median:.2f}x the fp32 "
                  "reference")
-    return (f"<p class='{css}'>{_e(line or verdict)}</p>" + (f"<p>{_e(speed)}</p>" if speed else "")
-            + _table(["", ""], rows, numeric_from=9))
+    return (f"<p class='{css}'>{escape(line or verdict)}</p>" + (f"<p>{escape(speed)}</p>" if speed else "")
+            + html_table(["", ""], rows, numeric_from=9))
 
 
 def _quantize_section(quantize: QuantizeStage | None) -> str:
@@ -106,14 +116,14 @@ def _quantize_section(quantize: QuantizeStage | None) -> str:
             for name, l in layers.items()]
     measured = [(name, l.rel_error, l.rel_error_rtn) for name, l in layers.items() if l.rel_error is not None]
     if not measured:  # data-free recipe: no calibration inputs, so the weight SQNR per layer
-        figure, axis = _figure(10, max(2.5, 0.18 * len(layers)))
+        figure, axis = new_figure(10, max(2.5, 0.18 * len(layers)))
         axis.barh(range(len(layers)), [l.weight_sqnr_db for l in layers.values()], color="#1f6feb")
         axis.set_yticks(range(len(layers)), list(layers), fontsize=7)
         axis.invert_yaxis()
         axis.set_xlabel("weight SQNR (dB), higher is better")
-        plot = _png(figure)
+        plot = inline_png(figure)
     else:
-        figure, axis = _figure(10, max(2.5, 0.18 * len(measured)))
+        figure, axis = new_figure(10, max(2.5, 0.18 * len(measured)))
         positions = range(len(measured))
         axis.barh([p + 0.2 for p in positions], [m[2] for m in measured], height=0.4, label="round-to-nearest",
                   color="#bbbbbb")
@@ -123,13 +133,13 @@ def _quantize_section(quantize: QuantizeStage | None) -> str:
         axis.invert_yaxis()
         axis.set_xlabel("relative output error on calibration inputs")
         axis.legend()
-        plot = _png(figure)
+        plot = inline_png(figure)
     calibration = quantize.calibration
     note = (f"calibration: {calibration.samples} x {calibration.seq_len} tokens from "
             f"{calibration.source} (sha256 {calibration.sha256[:12]}...)" if calibration
             else "data-free recipe: no calibration text")
-    return (f"<h2>Quantization</h2><p>{_e(note)}; {quantize.seconds:.1f} s</p>{plot}"
-            + _table(["layer", "scheme", "rel. error", "RTN rel. error", "SQNR dB", "fallback"], rows, numeric_from=2))
+    return (f"<h2>Quantization</h2><p>{escape(note)}; {quantize.seconds:.1f} s</p>{plot}"
+            + html_table(["layer", "scheme", "rel. error", "RTN rel. error", "SQNR dB", "fallback"], rows, numeric_from=2))
 
 
 def _export_section(export: ExportStage | None) -> str:
@@ -151,7 +161,7 @@ def _export_section(export: ExportStage | None) -> str:
         rows.append(["export guard", describe_guard(export.guard)])
     if report.size_warning:
         rows.append(["warning", report.size_warning])
-    return "<h2>Export</h2>" + _table(["", ""], rows, numeric_from=9)
+    return "<h2>Export</h2>" + html_table(["", ""], rows, numeric_from=9)
 
 
 def _verify_section(verify: VerifyReport | None) -> str:
@@ -170,7 +180,7 @@ def _verify_section(verify: VerifyReport | None) -> str:
                 ["RMS Δp", f"{drift.rms_delta_p:.4f} ± {drift.rms_delta_p_sem:.4f}"]]
         windows = verify.samples.window_kld_mean_nats
         if windows:
-            figure, axis = _figure(7, 3)
+            figure, axis = new_figure(7, 3)
             axis.hist(windows, bins=min(30, max(5, len(windows) // 2)), color="#1f6feb")
             for label, value, style in (("median", drift.kld_median_nats, "--"), ("p90", drift.kld_p90_nats, ":"),
                                         ("p99", drift.kld_p99_nats, "-.")):
@@ -178,7 +188,7 @@ def _verify_section(verify: VerifyReport | None) -> str:
             axis.set_xlabel("KL divergence (nats): histogram of per-window means, per-token percentiles marked")
             axis.set_ylabel("windows")
             axis.legend(fontsize=7)
-            plot = _png(figure)
+            plot = inline_png(figure)
     if embedding:
         rows += [["sentences", embedding.sentence_count],
                  ["cosine mean / p1 / min", f"{embedding.cosine_mean:.5f} / {embedding.cosine_p1:.5f} / "
@@ -189,8 +199,8 @@ def _verify_section(verify: VerifyReport | None) -> str:
                                           f"{gate.value:.5f} {gate.op} {gate.threshold}"])
     data = verify.data
     return (f"<h2>Drift of the artifact against the fp32 reference</h2><p class='muted'>evaluation text "
-            f"{_e(data.path)} (sha256 {_e(data.sha256[:12])}...), run in the artifact's own runtime</p>"
-            + plot + _table(["", ""], rows, numeric_from=9))
+            f"{escape(data.path)} (sha256 {escape(data.sha256[:12])}...), run in the artifact's own runtime</p>"
+            + plot + html_table(["", ""], rows, numeric_from=9))
 
 
 def _bench_section(bench: BenchReport | None) -> str:
@@ -206,7 +216,7 @@ def _bench_section(bench: BenchReport | None) -> str:
             series.setdefault(model.role, {})[test.name] = test.tok_s.median
     plot = ""
     if series:
-        figure, axis = _figure(7, 3)
+        figure, axis = new_figure(7, 3)
         width = 0.8 / len(series)
         for index, (role, values) in enumerate(series.items()):
             axis.bar([i + index * width for i in range(len(names))], [values.get(n, 0) for n in names], width,
@@ -215,24 +225,24 @@ def _bench_section(bench: BenchReport | None) -> str:
         axis.set_ylabel("tokens/s (median)")
         axis.set_yscale("log")
         axis.legend()
-        plot = _png(figure)
+        plot = inline_png(figure)
     ceilings = []
-    for model in bench.models:
+    for model in (model for model in bench.models if model.ceiling):
         ceiling = model.ceiling
         state = f"{ceiling.share:.2%}" if ceiling.valid else "INVALID (above 100%)"
         ceilings.append(f"{model.role}: {ceiling.bytes_per_token / 1e6:.3f} MB/token at "
                         f"{ceiling.bandwidth_gb_s:.1f} GB/s -> ceiling {ceiling.ceiling_tok_s:,.0f} tok/s, "
                         f"reached {state}")
     return ("<h2>Latency on this machine</h2>" + plot
-            + _table(["model", "label", "test", "t/s median", "IQR", "n", "vs reference"], rows, numeric_from=3)
-            + "".join(f"<p>{_e(c)}</p>" for c in ceilings)
-            + f"<p class='muted'>timed: {_e(bench.timed)}</p>")
+            + html_table(["model", "label", "test", "t/s median", "IQR", "n", "vs reference"], rows, numeric_from=3)
+            + "".join(f"<p>{escape(c)}</p>" for c in ceilings)
+            + f"<p class='muted'>timed: {escape(bench.timed)}</p>")
 
 
 def _provenance(report: ForgeReport) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in report.versions.items() if v)
     machine = report.bench.machine if report.bench else None
     cpu = f"{machine.cpu_model}, {machine.usable_cpus} CPUs" if machine else "not measured"
-    return ("<h2>Provenance</h2>" + _table(["", ""], [["created", report.created], ["versions", versions],
+    return ("<h2>Provenance</h2>" + html_table(["", ""], [["created", report.created], ["versions", versions],
                                                        ["machine", cpu],
                                                        ["source sha256", report.source.sha256]], numeric_from=9))

@@ -9,17 +9,19 @@ SCHEMA_DOC = Path(__file__).resolve().parents[2] / "docs" / "report-schema.md"
 
 
 def report_schema() -> str:
-    """The page: the verify, bench, bench-matrix and forge reports, then the quantized checkpoint's and the artifact's records,
-    then every nested section."""
+    """The page: the verify, bench, bench-matrix and forge reports, the quantized checkpoint's and the artifact's
+    records, an AI Hub profile, then every nested section."""
     from edgeforge.export.artifact import ArtifactRecord
     from edgeforge.quantize.record import QuantizedCheckpoint
     from edgeforge.records import schema_markdown
     from edgeforge.report.record import ForgeReport
+    from edgeforge.runners.aihub import HubProfile
     from edgeforge.verify.bench_record import BenchReport
     from edgeforge.verify.matrix_record import BenchMatrix
     from edgeforge.verify.report import VerifyReport
 
-    return schema_markdown([VerifyReport, BenchReport, BenchMatrix, ForgeReport, QuantizedCheckpoint, ArtifactRecord])
+    return schema_markdown([VerifyReport, BenchReport, BenchMatrix, ForgeReport, QuantizedCheckpoint, ArtifactRecord,
+                            HubProfile])
 
 
 def write_schema(path: Path = SCHEMA_DOC) -> None:

@@ -7,6 +7,7 @@ a board over ssh, a device farm).
     with runner.prepare(model, environment) as prepared:      # model: edgeforge.verify.bench_models.BenchModel
         facts = prepared.load()                               # LoadFacts
         samples = prepared.run(Workload(prompts=[[1, 2, 3]], decode_context=[1, 2, 3], decode_tokens=8))
+        state = prepared.conditions()                         # optional: temperatures, governors, load, around samples
         peak_rss_bytes = prepared.finish()
 
 A runner is added by a class with these methods, made with the farm's ``Device`` it measures on
@@ -77,6 +78,15 @@ class PreparedModel(Protocol):
 
     def run(self, workload: Workload) -> Samples:
         """Time one round of ``workload``."""
+
+    def conditions(self) -> dict:
+        """Optional: the device's state now, ``edgeforge.runners.conditions.Conditions``' fields (temperatures,
+        governors, frequencies, load; null fields say why they cannot be read). Bench reads it before and after every
+        run; without it the record says the runner reads none."""
+
+    def identity(self) -> dict:
+        """Optional: this model's part of ``edgeforge.runners.conditions.Provenance`` (runner_sha256, runner_basis,
+        command, uname, os_build), asked once after load."""
 
     def finish(self) -> int:
         """Peak resident memory of the model's process, in bytes; the model is done after this."""

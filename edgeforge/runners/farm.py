@@ -13,6 +13,8 @@ A farm is TOML with one ``[[device]]`` table per device::
     labels = { os = "linux", soc = "bcm2712" }
     threads = 4                      # optional: threads each model runs with (default: every CPU allowed)
     cpu_mask = [0, 1, 2, 3]          # optional: the CPUs models may run on
+    timeout_s = 600                  # optional: seconds any call to the device may take (default: per call, from
+                                     # the workload; see edgeforge.runners.local.WorkerChannel.deadline_s)
     host = "pi5.lab"                 # the rest: the runner's connection fields (its ``Connection`` dataclass)
     user = "bench"
     identity_file = "keys/pi5"       # paths are relative to the farm file
@@ -35,20 +37,22 @@ from edgeforge.fileio import read_toml
 from edgeforge.records import Record, described, encode
 from edgeforge.runners import RUNNERS, Runner
 
-DEVICE_KEYS = ("name", "kind", "labels", "threads", "cpu_mask")
+DEVICE_KEYS = ("name", "kind", "labels", "threads", "cpu_mask", "timeout_s")
 
 
 @dataclass(frozen=True)
 class Device:
     """One device of a farm: what runs there (``kind``, a runner name), how to select it (``labels``), how models
-    run there (``threads``, ``cpu_mask``; None: every CPU the device lets us use) and how to reach it
-    (``connection``: the runner's own ``Connection`` dataclass, None for this machine)."""
+    run there (``threads``, ``cpu_mask``; None: every CPU the device lets us use), how long a call to it may take
+    before it counts as hung (``timeout_s``; None: a deadline per call) and how to reach it (``connection``: the
+    runner's own ``Connection`` dataclass, None for this machine)."""
 
     name: str
     kind: str
     labels: dict[str, str] = field(default_factory=dict)
     threads: int | None = None
     cpu_mask: tuple[int, ...] | None = None
+    timeout_s: float | None = None
     connection: object | None = None
 
     def matches(self, term: str) -> bool:
@@ -172,10 +176,32 @@ def _device(table: dict, path: Path, where: str) -> Device:
     if cpu_mask is not None and (not isinstance(cpu_mask, list) or not cpu_mask or not all(
             isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in cpu_mask)):
         raise ConfigError(f"{where}: cpu_mask must be a non-empty list of CPU ids, got {cpu_mask!r}", path=path)
+    timeout_s = table.get("timeout_s")
+    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
+                                  or timeout_s <= 0):
+        raise ConfigError(f"{where}: timeout_s must be a positive number of seconds, got {timeout_s!r}", path=path)
     connection = _connection(RUNNERS.get(kind), {k: v for k, v in table.items() if k not in DEVICE_KEYS},
                              path, where)
     return Device(name=name, kind=kind, labels=dict(labels), threads=threads,
-                  cpu_mask=tuple(cpu_mask) if cpu_mask else None, connection=connection)
+                  cpu_mask=tuple(cpu_mask) if cpu_mask else None, timeout_s=timeout_s, connection=connection)
+
+
+def check_connection(connection, *, strings: tuple[str, ...] = (), folders: tuple[str, ...] = (),
+                     ports: tuple[str, ...] = ()) -> None:
+    """A runner's ``Connection`` check: ConfigError for a field of ``strings`` that is not a non-empty string, of
+    ``folders`` that is not an absolute path on the device, of ``ports`` that is not an integer in 1..65535."""
+    import posixpath
+
+    for name in strings + folders:
+        if not isinstance(getattr(connection, name), str) or not getattr(connection, name):
+            raise ConfigError(f"{name} must be a non-empty string, got {getattr(connection, name)!r}")
+    for name in folders:
+        if not posixpath.isabs(getattr(connection, name)):
+            raise ConfigError(f"{name} must be an absolute path on the device, got {getattr(connection, name)!r}")
+    for name in ports:
+        port = getattr(connection, name)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ConfigError(f"{name} must be an integer in 1..65535, got {port!r}")
 
 
 def _connection(runner_class, given: dict, path: Path, where: str):
@@ -199,6 +225,8 @@ def _connection(runner_class, given: dict, path: Path, where: str):
         values = {name: path.parent / Path(value).expanduser() if known[name].metadata.get("path") else value
                   for name, value in given.items()}
         return connection_type(**values)
+    except ConfigError as exc:  # the Connection's own check
+        raise ConfigError(f"{where}: {exc.problem}", path=path) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}", path=path) from exc
 

@@ -73,6 +73,19 @@ class Worker:
         return {"python": platform.python_version(), "edgeforge": __version__, "cpus": len(os.sched_getaffinity(0)),
                 "versions": package_versions(*VERSIONED_PACKAGES), "runtimes": runtimes}
 
+    def op_conditions(self) -> dict:
+        """The device's state now (edgeforge.runners.conditions.Conditions), read around each sample."""
+        from edgeforge.records import encode
+        from edgeforge.runners.conditions import read_conditions
+
+        return encode(read_conditions())
+
+    def op_identity(self) -> dict:
+        """The hash of the edgeforge code this worker runs, uname and OS build (a job's Provenance)."""
+        from edgeforge.runners.conditions import read_identity
+
+        return read_identity()
+
     def op_bandwidth(self, *, threads: int, repetitions: int, size_bytes: int | None, probe_bytes: list[int]) -> dict:
         from edgeforge.verify.machine import measure_bandwidth
 

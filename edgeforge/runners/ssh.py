@@ -52,13 +52,9 @@ class SshConnection:
     port: int = 22
 
     def __post_init__(self):
-        for name in ("host", "user", "python", "workdir"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if not posixpath.isabs(self.workdir):
-            raise ConfigError(f"workdir must be an absolute remote path, got {self.workdir!r}")
-        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 < self.port < 65536:
-            raise ConfigError(f"port must be an integer in 1..65535, got {self.port!r}")
+        from edgeforge.runners.farm import check_connection
+
+        check_connection(self, strings=("host", "user", "python"), folders=("workdir",), ports=("port",))
 
     @property
     def address(self) -> str:
@@ -190,8 +186,8 @@ class RemoteWorker:
         self.client = client or runner.connect()
         try:
             self.session = self.client.get_transport().open_session()
-            command = [runner.connection.python, "-m", WORKER_MODULE] + ["--bandwidth-only"] * bandwidth_only
-            self.session.exec_command(shlex.join(command))
+            self.command = [runner.connection.python, "-m", WORKER_MODULE] + ["--bandwidth-only"] * bandwidth_only
+            self.session.exec_command(shlex.join(self.command))
         except BaseException:
             self.client.close()
             raise
@@ -199,7 +195,8 @@ class RemoteWorker:
         self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
         self.stderr_reader.start()  # unread stderr would fill the channel's window and stall the worker
         self.channel = WorkerChannel(f"{name} on {runner.device.name}", self.session.makefile_stdin("w"),
-                                     self.session.makefile("r"), ended=self._ended)
+                                     self.session.makefile("r"), ended=self._ended, stop=self.session.close,
+                                     timeout_s=runner.device.timeout_s)
 
     def _drain_stderr(self) -> None:
         for line in self.session.makefile_stderr("r"):

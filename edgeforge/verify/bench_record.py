@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass
 
 from edgeforge.records import Record, described
+from edgeforge.runners.conditions import Provenance, Round
 from edgeforge.verify.machine import Bandwidth, Ceiling, Machine
 
 TIMED = ("tokenizer excluded (prompts are fixed random token ids); TTFT = prefill forward from an empty cache "
@@ -85,8 +86,14 @@ class ModelResult:
     peak_rss_bytes: int = described("ru_maxrss: interpreter + torch + runtime + weights + KV cache + activations")
     threads_note: str = described("how threads were set")
     tests: list[TestResult] = described("the prefill tests, then the decode test")
-    ceiling: Ceiling = described("decode against the bandwidth ceiling")
+    ceiling: Ceiling | None = described("decode against the bandwidth ceiling; null: the runner measures no bandwidth")
     bytes_basis: str = described("where bytes per token come from")
+    provenance: Provenance | None = described("what measured it: artifact and runner hashes, the worker's command "
+                                              "line, threads, CPU mask, device identity and OS build (null: the "
+                                              "runner reports none)", default=None)
+    rounds: list[Round] = described("every run in order, warm-up rounds first: the waits before it and the "
+                                    "device's conditions before and after; the timed ones are the samples",
+                                    default_factory=list)
 
     def test(self, name: str) -> TestResult:
         return next(t for t in self.tests if t.name == name)
@@ -110,6 +117,10 @@ class BenchRun:
     seed: int = described("draws the prompt token ids")
     cores: list[int] = described("CPUs the models may run on")
     decode_depth: int = described("tokens cached before decode (the shortest prompt)")
+    warmup_s: float = described("warm-up went on until this many seconds had passed, and warmup rounds", default=0.0)
+    cooldown_s: float = described("seconds slept before each timed sample", default=0.0)
+    max_temp_c: float | None = described("temperature gate before each timed sample, °C (null: none)", default=None)
+    max_temp_wait_s: float = described("the most the gate waits before sampling anyway", default=300.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +133,8 @@ class BenchReport(Record):
     models: list[ModelResult] = described("the candidate first, then its reference")
     settings: BenchRun = described("what ran")
     prompt_token_ids: list[list[int]] = described("the prompts, one per prefill test")
-    bandwidth: Bandwidth = described("the device's measured memory bandwidth")
+    bandwidth: Bandwidth | None = described("the device's measured memory bandwidth; null: its runner cannot "
+                                            "measure it")
     machine: Machine = described("the device's facts")
     timed: str = described("what is timed, in words", default=TIMED)
     caveats: list[str] = described("why figures may mislead (load, oversubscription, cache)", default_factory=list)

@@ -57,6 +57,8 @@ class Machine:
     git_commit: str | None = described("edgeforge's git commit, null outside a checkout")
     versions: dict = described("installed package versions (null: not installed)")
     timestamp: str = described("RFC 3339 UTC")
+    device_facts: dict = described("what a device's runner read beyond these fields (adb: rooted, cpufreq per policy, "
+                                   "time_in_state, thermal zones, battery, screen); empty here", default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,21 +69,26 @@ def describe_machine(*, threads: int) -> Machine:
     return Machine(
         cpu_model=_cpuinfo_field("model name"), logical_cpus=os.cpu_count() or 0,
         usable_cpus=len(os.sched_getaffinity(0)), threads=threads,
-        governor=_read(CPU_SYSFS / "cpufreq" / "scaling_governor"),
-        cur_freq_khz=_read_int(CPU_SYSFS / "cpufreq" / "scaling_cur_freq"),
-        max_freq_khz=_read_int(CPU_SYSFS / "cpufreq" / "cpuinfo_max_freq"),
+        governor=read_stripped(CPU_SYSFS / "cpufreq" / "scaling_governor"),
+        cur_freq_khz=read_int(CPU_SYSFS / "cpufreq" / "scaling_cur_freq"),
+        max_freq_khz=read_int(CPU_SYSFS / "cpufreq" / "cpuinfo_max_freq"),
         llc_bytes=last_level_cache_bytes(), memory_total_bytes=_meminfo_bytes("MemTotal"),
         load_average_1m=os.getloadavg()[0],
         os=platform.platform(terse=True), kernel=platform.release(), python=platform.python_version(),
         edgeforge=__version__, git_commit=git_commit(), versions=package_versions(*VERSIONED_PACKAGES),
-        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
+        timestamp=utc_now())
+
+
+def utc_now() -> str:
+    """Now, RFC 3339 UTC to the second ("2026-01-02T03:04:05Z")."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def last_level_cache_bytes() -> int | None:
     """Size of the highest-level data/unified cache cpu0 sees (sysfs), or None."""
     best = (0, None)
     for index in sorted((CPU_SYSFS / "cache").glob("index*")):
-        level, kind, size = (_read(index / name) for name in ("level", "type", "size"))
+        level, kind, size = (read_stripped(index / name) for name in ("level", "type", "size"))
         if level and size and kind in ("Data", "Unified"):
             best = max(best, (int(level), _parse_size(size)), key=lambda pair: pair[0])
     return best[1]
@@ -259,15 +266,17 @@ def bandwidth_ceiling(*, bytes_per_token: int, bandwidth_gb_s: float, decode_tok
 
 # ---- small readers ----
 
-def _read(path: Path) -> str | None:
+def read_stripped(path: Path) -> str | None:
+    """A small file's text, stripped; None when it cannot be read or is empty (sysfs facts a machine may lack)."""
     try:
         return path.read_text().strip() or None
     except OSError:
         return None
 
 
-def _read_int(path: Path) -> int | None:
-    text = _read(path)
+def read_int(path: Path) -> int | None:
+    """A small file's integer; None when unreadable or not one."""
+    text = read_stripped(path)
     return int(text) if text and text.isdigit() else None
 
 
@@ -277,7 +286,7 @@ def _parse_size(text: str) -> int:
 
 
 def _cpuinfo_field(name: str) -> str | None:
-    for line in (_read(Path("/proc/cpuinfo")) or "").splitlines():
+    for line in (read_stripped(Path("/proc/cpuinfo")) or "").splitlines():
         key, _, value = line.partition(":")
         if key.strip() == name:
             return value.strip()
@@ -285,7 +294,7 @@ def _cpuinfo_field(name: str) -> str | None:
 
 
 def _meminfo_bytes(field: str) -> int | None:
-    for line in (_read(Path("/proc/meminfo")) or "").splitlines():
+    for line in (read_stripped(Path("/proc/meminfo")) or "").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return None

@@ -13,6 +13,8 @@ crash loses nothing finished, and a rerun reads them instead of measuring again;
 ``OUT/matrix.json`` at the end. A session that fails with a
 runtime or connection error is retried (``retries`` times) with a fresh runner (``runner_for``), then its jobs are marked failed;
 other devices' jobs are untouched. Only the artifacts run: no fp32 reference is added (pass it as an artifact).
+Where a session runs is ``run_session``'s choice: by default :func:`measure_session` in the device's thread, here;
+:class:`edgeforge.verify.matrix_ray.RaySessions` runs it on the Ray node that owns the device (``bench --ray``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,14 +42,16 @@ DEFAULT_MAX_CV = 0.10
 DEFAULT_RETRIES = 2
 MATRIX_FILE = "matrix.json"  # in the output directory: the last run's whole record
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# measures one session: (device, pending (model, artifact) pairs, settings, workload, attempt, say) -> its jobs
+RunSession = Callable[..., list[MatrixJob]]
 
 
 def bench_matrix(artifacts: list[str | Path], devices: list[Device], output_dir: str | Path, *,
                  settings: BenchSettings = BenchSettings(), baseline: str | Path | None = None,
                  max_cv: float = DEFAULT_MAX_CV, retries: int = DEFAULT_RETRIES,
-                 progress: Callable[[str], None] | None = None) -> BenchMatrix:
+                 progress: Callable[[str], None] | None = None, run_session: RunSession | None = None) -> BenchMatrix:
     """Bench every artifact on every device (see the module); ``baseline``: the artifact ratios are taken against
-    (default the first)."""
+    (default the first); ``run_session``: what measures one device session (default :func:`measure_session`)."""
     say = progress or (lambda message: None)
     models = [describe_bench_model(path) for path in artifacts]
     described = _artifacts(models)
@@ -66,7 +69,7 @@ def bench_matrix(artifacts: list[str | Path], devices: list[Device], output_dir:
     def device_thread(device: Device) -> None:
         try:
             failure = _run_device(device, models, described, settings, workload, out, retries, finished,
-                                  lambda message: say(f"[{device.name}] {message}"))
+                                  lambda message: say(f"[{device.name}] {message}"), run_session or measure_session)
             if failure:
                 failures[device.name] = failure
         except BaseException as exc:  # a bug: raised in the caller's thread once every device has stopped
@@ -95,7 +98,7 @@ def bench_matrix(artifacts: list[str | Path], devices: list[Device], output_dir:
 def job_key(artifact_sha256: str, device: Device, settings: BenchSettings) -> str:
     """What a finished job is known by: the artifact's content, the device's name, the settings (the bench's, and
     the device entry's kind, threads and CPU mask)."""
-    text = json.dumps({"artifact": artifact_sha256, "device": device.name, "settings": asdict(settings),
+    text = json.dumps({"artifact": artifact_sha256, "device": device.name, "settings": settings.key_fields(),
                        "kind": device.kind, "threads": device.threads, "cpu_mask": device.cpu_mask}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -144,7 +147,7 @@ def _check_devices(devices: list[Device], max_cv: float, retries: int) -> None:
 
 def _run_device(device: Device, models: list[BenchModel], artifacts: list[MatrixArtifact],
                 settings: BenchSettings, workload, out: Path, retries: int,
-                finished: dict, say: Callable[[str], None]) -> JobFailure | None:
+                finished: dict, say: Callable[[str], None], run_session: RunSession) -> JobFailure | None:
     """Read the device's finished jobs, then measure the rest in one interleaved session, retried on a runtime or
     connection failure; each job is written as soon as the session ends. Returns the failure, if it failed."""
     pending = []
@@ -160,42 +163,44 @@ def _run_device(device: Device, models: list[BenchModel], artifacts: list[Matrix
     error: EdgeforgeError | OSError | None = None
     for attempt in range(1, retries + 2):
         try:
-            for job in _session(device, pending, settings, workload, attempt, say):
+            for job in run_session(device, pending, settings, workload, attempt, say):
                 write_json_atomic(job_path(out, device.name, job.key), job.to_dict())
                 finished[device.name, job.artifact.sha256] = (job, False)
             return None
         except (RuntimeFailure, OSError) as exc:  # the device or its connection: worth another session
             error = exc
-            say(f"attempt {attempt}/{retries + 1} failed: {_one_line(exc)}")
+            say(f"attempt {attempt}/{retries + 1} failed: {one_line(exc)}")
         except EdgeforgeError as exc:  # bad input or configuration: the same again on a retry
             error = exc
             break
     return JobFailure(device=device.name, artifacts=[artifact.sha256 for _, artifact in pending],
-                      attempts=attempt, error=_one_line(error))
+                      attempts=attempt, error=one_line(error))
 
 
-def _session(device: Device, pending: list[tuple[BenchModel, MatrixArtifact]], settings: BenchSettings,
-             workload, attempt: int, say: Callable[[str], None]) -> list[MatrixJob]:
+def measure_session(device: Device, pending: list[tuple[BenchModel, MatrixArtifact]], settings: BenchSettings,
+                    workload, attempt: int, say: Callable[[str], None]) -> list[MatrixJob]:
+    """One session on ``device``: its runner made afresh, the ``pending`` artifacts measured interleaved; their jobs."""
     runner = runner_for(device)
     environment = runner.environment(threads=settings.threads)
     started, session = _now(), uuid.uuid4().hex
     models = [model for model, _ in pending]
-    bandwidth, loads, runs, peaks = measure_interleaved(runner, environment, models, settings, workload, say=say)
+    measured = measure_interleaved(runner, environment, models, settings, workload, say=say)
     ended = _now()
     order = [artifact.sha256 for _, artifact in pending]
     jobs = []
-    for (model, artifact), load, peak, samples in zip(pending, loads, peaks, runs):
-        result = model_result("artifact", model, load, peak, samples, settings, bandwidth)
+    for index, (model, artifact) in enumerate(pending):
+        result = model_result("artifact", model, measured, index, settings, environment, artifact.sha256)
         jobs.append(MatrixJob(key=job_key(artifact.sha256, device, settings), device=device.name,
                               device_entry=device.to_dict(), runner=runner.name, artifact=artifact, session=session,
                               interleaved_with=[sha for sha in order if sha != artifact.sha256], attempt=attempt,
                               threads=environment.threads, cores=environment.cores,
-                              prompt_token_ids=workload.prompts, result=result, bandwidth=bandwidth,
+                              prompt_token_ids=workload.prompts, result=result, bandwidth=measured.bandwidth,
                               machine=Machine(**environment.machine), started=started, finished=ended))
     return jobs
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """The error's first line (its type's name if it has no message)."""
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
@@ -221,7 +226,7 @@ def _summary(job: MatrixJob, reused: bool, baseline: tuple[MatrixJob, bool] | No
             ratios.append(Ratio(name=name, estimate=estimate, paired=paired, unstable=name in unstable))
     ceiling = job.result.ceiling
     return JobSummary(device=job.device, artifact=job.artifact.sha256, label=job.artifact.label, reused=reused,
-                      metrics=metrics, ratios=ratios, ceiling_share=ceiling.share if ceiling.valid else None,
+                      metrics=metrics, ratios=ratios, ceiling_share=ceiling.share if ceiling and ceiling.valid else None,
                       unstable=any(metric.unstable for metric in metrics))
 
 
@@ -241,9 +246,11 @@ def _metrics(job: MatrixJob, max_cv: float) -> list[Metric]:
 
 # ---- the printer ----
 
-def format_matrix(record: BenchMatrix) -> str:
-    """One row per device x artifact x tok/s test, then TTFT, load and memory per job, then the failures."""
-    header = ("device", "artifact", "test", "t/s median [CI]", "CV", "n", "vs baseline", "")
+MATRIX_HEADER = ("device", "artifact", "test", "t/s median [CI]", "CV", "n", "vs baseline", "")
+
+
+def matrix_rows(record: BenchMatrix) -> list[tuple[str, ...]]:
+    """The table's rows (columns: MATRIX_HEADER), one per device x artifact x tok/s test."""
     rows = []
     for summary in record.summaries:
         ratios = {ratio.name: ratio for ratio in summary.ratios}
@@ -252,6 +259,12 @@ def format_matrix(record: BenchMatrix) -> str:
             rows.append((summary.device, summary.label, metric.name.removesuffix(" tok/s"),
                          _interval(metric.estimate, ".1f"), _cv(metric.estimate), str(metric.estimate.n), versus,
                          "UNSTABLE" if metric.unstable else ("reused" if summary.reused else "")))
+    return rows
+
+
+def format_matrix(record: BenchMatrix) -> str:
+    """One row per device x artifact x tok/s test, then TTFT, load and memory per job, then the failures."""
+    header, rows = MATRIX_HEADER, matrix_rows(record)
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(header, widths)) + " |",
              "| " + " | ".join("-" * w for w in widths) + " |"]
@@ -262,7 +275,7 @@ def format_matrix(record: BenchMatrix) -> str:
         ttft = ", ".join(f"{m.name.removesuffix(' TTFT')} {_interval(m.estimate, '.2f')} ms"
                          + (" UNSTABLE" if m.unstable else "") for m in summary.metrics if m.unit == "ms")
         share = f"{summary.ceiling_share:.2%} of the bandwidth ceiling" if summary.ceiling_share is not None \
-            else "bandwidth ceiling: INVALID"
+            else "bandwidth ceiling: INVALID or not measured"
         lines.append(f"{summary.device} {summary.label}: TTFT {ttft}; load {by_name['load'].estimate.median:.3f} s "
                      f"(n=1); peak RSS {by_name['peak RSS'].estimate.median / 2**20:.1f} MiB; decode at {share}")
     levels = sorted({(m.estimate.n, m.estimate.level) for s in record.summaries for m in s.metrics if m.estimate.level})

@@ -85,7 +85,8 @@ class MatrixJob(Record):
     cores: list[int] = described("CPUs it was pinned to")
     prompt_token_ids: list[list[int]] = described("the prompts, one per prefill test")
     result: ModelResult = described("load, peak memory and every test with its raw samples")
-    bandwidth: Bandwidth = described("the device's memory bandwidth, measured at the start of the session")
+    bandwidth: Bandwidth | None = described("the device's memory bandwidth, measured at the start of the session; null: "
+                                            "its runner cannot measure it")
     machine: Machine = described("the device's identity and facts, as it reported them")
     started: str = described("RFC 3339 UTC, session start")
     finished: str = described("RFC 3339 UTC, when the job's last round ended")
