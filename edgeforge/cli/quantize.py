@@ -79,9 +79,11 @@ def recipes(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in loaded], indent=2))
         return
+    width = max(len(recipe.name) for recipe in loaded)
     for recipe in loaded:
         weights = recipe.weights
         scheme = f"w{weights.bits}" + (f" g{weights.group_size}" if weights.group_size else " per-ch")
-        click.echo(f"{recipe.name:<16} {recipe.algorithm:<12} {scheme:<10} act {recipe.activations.value:<13} "
-                   f"{recipe.description}")
+        rotated = "rotated" if recipe.rotation.any else ""
+        click.echo(f"{recipe.name:<{width}} {recipe.algorithm:<12} {scheme:<10} act {recipe.activations.value:<13} "
+                   f"{rotated:<7} {recipe.description}")
     click.echo(f"algorithms: {', '.join(ALGORITHMS.names())}")

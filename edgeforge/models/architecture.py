@@ -10,6 +10,8 @@ An architecture (``edgeforge.architectures`` entry points: ``llama`` decoder, ``
 - ``walk(checkpoint, seq_len)``: a :class:`Walk` over the model one :class:`Block` at a time, each with its
   groups of linears that share an input (:class:`Group`), how scales fold into the op producing it, and the
   forward of the block, so the quantizer never holds more than one block of weights;
+- optionally ``rotation_plan(config, names)``: a :class:`RotationPlan`, where its residual stream is read and
+  written, for recipes that fold rotations into the weights (an architecture without one refuses them);
 - what the later stages decide by it: ``family`` (the graph the exporters build, the session that runs it,
   the export guard's check and verify's measurement are looked up by it), ``generates_text`` (generate,
   bench and the runtimes' LLM runners need it), ``gates`` (the verify gates that apply),
@@ -70,6 +72,28 @@ class Block:
     group_input: Callable[[int, torch.Tensor], torch.Tensor]
     forward: Callable[[torch.Tensor], torch.Tensor] | None
     head: bool = False
+
+
+@dataclass(frozen=True)
+class RotationPlan:
+    """Where a pre-norm decoder's residual stream is read and written (tensor names), for an orthogonal Q folded
+    into the weights (:mod:`edgeforge.quantize.rotation`): the embedding's rows and the writers' outputs are
+    rotated, the readers' inputs (their norm's gain folded in first) rotated back, so nothing runs on line.
+
+    readers: weight -> the RMSNorm gain in front of it (the output head reads the final norm); writers: weights
+    whose outputs add into the stream; heads: (value weight, output weight) per layer, rotated per value head of
+    ``head_dim`` (each value head feeds ``queries_per_value`` query heads' columns of the output weight);
+    head_source: the tensor the output head is read from (the embedding when tied)."""
+
+    width: int
+    embedding: str
+    readers: dict[str, str]
+    writers: tuple[str, ...]
+    heads: tuple[tuple[str, str], ...]
+    head_dim: int
+    queries_per_value: int
+    head: str
+    head_source: str
 
 
 class Walk(Protocol):

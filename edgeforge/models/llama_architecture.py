@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeforge.models.architecture import DECODER, Absorb, Block, Group, captured_input, load_block
+from edgeforge.models.architecture import (DECODER, Absorb, Block, Group, RotationPlan, captured_input,
+                                           load_block)
 from edgeforge.models.llama import RMSNorm, Transformer, TransformerBlock, rope_tables
 
 HEAD = (Group(("output",), "norm", Absorb.NORM),)
@@ -53,6 +54,21 @@ class LlamaDecoder:
 
     def forward_inputs(self, tokens: torch.Tensor) -> tuple:
         return (tokens,)
+
+    def rotation_plan(self, config, names) -> RotationPlan:
+        readers, writers, heads = {"output.weight": "norm.weight"}, [], []
+        for index in range(config.n_layers):
+            prefix = f"layers.{index}."
+            for short in ("attention.wq", "attention.wk", "attention.wv"):
+                readers[f"{prefix}{short}.weight"] = f"{prefix}attention_norm.weight"
+            for short in ("feed_forward.w1", "feed_forward.w3"):
+                readers[f"{prefix}{short}.weight"] = f"{prefix}ffn_norm.weight"
+            writers += [f"{prefix}attention.wo.weight", f"{prefix}feed_forward.w2.weight"]
+            heads.append((f"{prefix}attention.wv.weight", f"{prefix}attention.wo.weight"))
+        return RotationPlan(width=config.dim, embedding="tok_embeddings.weight", readers=readers,
+                            writers=tuple(writers), heads=tuple(heads), head_dim=config.head_dim,
+                            queries_per_value=config.n_heads // config.n_kv_heads, head="output.weight",
+                            head_source="output.weight" if "output.weight" in names else "tok_embeddings.weight")
 
     def walk(self, checkpoint, seq_len: int) -> _LlamaWalk:
         return _LlamaWalk(self, checkpoint, seq_len)

@@ -53,6 +53,7 @@ from edgeforge.quantize.modules import QuantizedLinear, runtime_weight_scale, se
 from edgeforge.quantize.recipe import Recipe
 from edgeforge.quantize.record import (CalibrationRecord, CheckpointSource, QuantizedCheckpoint, QuantizedLayer,
                                        RecipeRecord)
+from edgeforge.quantize.rotation import rotated_checkpoint
 from edgeforge.quantize.rtn import rtn_quantize
 from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, WeightScheme, dequantize
 
@@ -121,6 +122,11 @@ def quantize_checkpoint(checkpoint: Checkpoint, recipe: Recipe, *, calibration: 
     say = progress or (lambda message: None)
     model = architecture(checkpoint.architecture)
     plans = plan_layers(model, checkpoint.config, recipe)
+    if recipe.rotation.any:
+        checkpoint = rotated_checkpoint(checkpoint, model, **vars(recipe.rotation))
+        rotated = [part for part, on in (("residual stream", recipe.rotation.residual),
+                                         ("value heads", recipe.rotation.heads)) if on]
+        say(f"rotation: {' and '.join(rotated)} (seed {recipe.rotation.seed}), folded into the weights")
     inputs = [checkpoint.path, *checkpoint.files, calibration.source if calibration is not None else None]
     with atomic_directory(output_dir, inputs=inputs) as tmp:
         weights = ShardWriter(tmp)

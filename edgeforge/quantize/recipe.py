@@ -82,6 +82,28 @@ class SmoothQuantSettings:
 
 
 @dataclass(frozen=True)
+class RotationSettings:
+    """Orthogonal rotations folded into the weights before quantizing (edgeforge.quantize.rotation): of the
+    residual stream (norm gains folded into its readers) and of each value head between wv and wo; ``seed``
+    draws the matrices."""
+
+    residual: bool = False
+    heads: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("residual", "heads"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"recipe key 'rotation.{name}' must be true or false")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError("recipe key 'rotation.seed' must be an integer")
+
+    @property
+    def any(self) -> bool:
+        return self.residual or self.heads
+
+
+@dataclass(frozen=True)
 class LayerRule:
     """Layers whose name matches ``pattern`` get ``scheme`` (None: kept in full precision)."""
 
@@ -105,6 +127,7 @@ class Recipe:
     awq: AwqSettings = AwqSettings()
     mse: MseSettings = MseSettings()
     smoothquant: SmoothQuantSettings = SmoothQuantSettings()
+    rotation: RotationSettings = RotationSettings()
     gates: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -146,15 +169,15 @@ class Recipe:
                "output": self.output.to_dict() if self.output else None,
                "rules": [{"match": r.pattern, "scheme": r.scheme.to_dict() if r.scheme else None} for r in self.rules],
                "gates": dict(self.gates)}
-        for name in ("calibration", "gptq", "awq", "mse", "smoothquant"):
+        for name in ("calibration", "gptq", "awq", "mse", "smoothquant", "rotation"):
             out[name] = vars(getattr(self, name)).copy()
         return out
 
 
 _TOP_KEYS = {"description", "algorithm", "activations", "fallback", "weights", "embedding", "output", "override",
-             "calibration", "gptq", "awq", "mse", "smoothquant", "gates"}
+             "calibration", "gptq", "awq", "mse", "smoothquant", "rotation", "gates"}
 _SETTINGS = {"calibration": CalibrationSettings, "gptq": GptqSettings, "awq": AwqSettings, "mse": MseSettings,
-             "smoothquant": SmoothQuantSettings}
+             "smoothquant": SmoothQuantSettings, "rotation": RotationSettings}
 _GATES = {"max_kld", "min_top1", "max_ppl_ratio", "min_cosine"}
 
 

@@ -51,6 +51,8 @@ class RecipeRecord:
     awq: dict = described("AWQ settings", default_factory=dict)
     mse: dict = described("MSE grid settings", default_factory=dict)
     smoothquant: dict = described("SmoothQuant settings", default_factory=dict)
+    rotation: dict = described("rotations folded into the weights before quantizing: residual, heads, seed",
+                               default_factory=dict)
 
     @property
     def scheme(self) -> str:
