@@ -60,17 +60,19 @@ class Group:
 class Block:
     """One step of the quantizer's walk: a module with its groups, in the order they compute.
 
-    ``prefix`` turns a name inside the block into the model's ("layers.3."); ``group_input(stage, x)`` is
-    the input of ``groups[stage]`` given the block's current weights; ``forward(x)`` the block's output
-    (None for the last block: nothing reads it). ``head``: the model's output head (AWQ scales it,
-    SmoothQuant does not)."""
+    ``prefix`` turns a name inside the block into the model's ("layers.3."); ``group_input(stage, x, memo)`` is
+    the input of ``groups[stage]`` given the block's current weights; ``forward(x, memo)`` the block's output
+    (None for the last block: nothing reads it). ``memo``: a dict per input batch, kept by the caller from
+    stage 0 to the forward while the groups are quantized in order, in which the block may keep what a stage
+    computed from finished groups for later stages to reuse (a fresh dict each time: nothing reused).
+    ``head``: the model's output head (AWQ scales it, SmoothQuant does not)."""
 
     label: str
     prefix: str
     module: nn.Module
     groups: tuple[Group, ...]
-    group_input: Callable[[int, torch.Tensor], torch.Tensor]
-    forward: Callable[[torch.Tensor], torch.Tensor] | None
+    group_input: Callable[[int, torch.Tensor, dict], torch.Tensor]
+    forward: Callable[[torch.Tensor, dict], torch.Tensor] | None
     head: bool = False
 
 

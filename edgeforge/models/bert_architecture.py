@@ -74,9 +74,9 @@ class _BertWalk:
             with torch.device("meta"):
                 layer = EncoderLayer(self.config)
             load_block(layer, self.checkpoint.tensors, f"encoder.layer.{index}.")
-            forward = None if index == self.config.n_layers - 1 else lambda x, b=layer: b(x, _mask(x))
+            forward = None if index == self.config.n_layers - 1 else lambda x, memo, b=layer: b(x, _mask(x))
             yield Block(f"encoder.layer.{index}", f"encoder.layer.{index}.", layer, GROUPS,
-                        lambda stage, x, b=layer: _group_input(b, stage, x), forward)
+                        lambda stage, x, memo, b=layer: _group_input(b, stage, x), forward)
 
 
 def _mask(x: torch.Tensor) -> torch.Tensor:

@@ -58,15 +58,16 @@ DEFAULT_NUMERICS = ActivationNumerics.XNNPACK
 def quantize_activations_xnnpack(x: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize `x` [..., in] to int8 as XNNPACK's qd8 convert does: per token, asymmetric."""
     x = x.float()
-    rmin = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    rmax = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    rmin, rmax = torch.aminmax(x, dim=-1, keepdim=True)
+    rmin, rmax = rmin.clamp(max=0), rmax.clamp(min=0)
     multiplier = torch.where(rmin == rmax, 1.0, (INT8_MAX - INT8_MIN) / (rmax - rmin))
     descaled_min, descaled_max = rmin * multiplier, rmax * multiplier
     leans_to_min = (INT8_MIN + descaled_min) + (INT8_MAX + descaled_max) > 0
     zero_point = torch.where(leans_to_min, INT8_MIN - descaled_min, INT8_MAX - descaled_max)
     zero_point = torch.round(zero_point.clamp(INT8_MIN, INT8_MAX))
-    qdata = (torch.round(x * multiplier) + zero_point).clamp(INT8_MIN, INT8_MAX)
-    return (qdata - zero_point) * (1.0 / multiplier)
+    qdata = x * multiplier  # then in place, the same operations in the same order: a calibration pass's
+    qdata.round_().add_(zero_point).clamp_(INT8_MIN, INT8_MAX)  # largest temporaries, so not one per step
+    return qdata.sub_(zero_point).mul_(1.0 / multiplier)
 
 
 def mlas_activation_block(in_features: int, group_size: int | None) -> int:

@@ -199,12 +199,13 @@ class _BlockQuantizer:
 
     def _quantize_block(self, block: Block, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         multipliers = self._fold_scales(block, hidden) if self.algorithm.observe().scales and hidden else {}
+        memos = [{} for _ in hidden]  # per batch, from the first group's input to the block's output
         for stage, group in enumerate(block.groups):
             multiplier = multipliers.get(stage)
 
             def inputs(stage=stage, multiplier=multiplier):
-                for x in hidden:
-                    x = block.group_input(stage, x)
+                for x, memo in zip(hidden, memos):
+                    x = block.group_input(stage, x, memo)
                     yield x if multiplier is None else x * multiplier
 
             self._quantize_group(block, group.linears, inputs, multiplier)
@@ -214,12 +215,12 @@ class _BlockQuantizer:
             owner, _, suffix = name.rpartition(".")
             if owner not in rounded or suffix == "bias":
                 self.out[block.prefix + name] = tensor.detach().float().clone()
-        return [block.forward(x) for x in hidden] if block.forward is not None else []
+        return [block.forward(x, memo) for x, memo in zip(hidden, memos)] if block.forward is not None else []
 
     def _fold_scales(self, block: Block, hidden: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """AWQ / SmoothQuant: choose per-channel scales on the fp32 block and fold them in exactly; returns the
         input multipliers of the groups whose producer cannot absorb them (by stage)."""
-        probes = [_probe_rows(block.group_input(stage, x) for x in hidden) for stage in range(len(block.groups))]
+        probes = [_probe_rows(block.group_input(stage, x, {}) for x in hidden) for stage in range(len(block.groups))]
         multipliers = {}
         for stage, (group, rows) in enumerate(zip(block.groups, probes)):
             schemes = [self.plans[block.prefix + short].scheme for short in group.linears]
