@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from edgeforge.checkpoints import DEFAULT_CHECKPOINT
 from edgeforge.verify.matrix_record import BenchMatrix, MatrixJob
 from tests.test_bench_matrix import SETTINGS
@@ -40,6 +42,9 @@ kind = "sleepy"
 """
 
 
+# slow: in one CI run at load ~5 the interrupted process had not exited 60 s after SIGINT, before printing its
+# line, while the other device was measuring bandwidth; not understood yet, so not in the fast suite.
+@pytest.mark.slow
 def test_ctrl_c_keeps_every_finished_job_and_a_rerun_reuses_them(stories_int4, tmp_path):
     site = tmp_path / "site"
     dist_info = site / "toyplugin-0.1.dist-info"

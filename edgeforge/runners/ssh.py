@@ -195,8 +195,15 @@ class RemoteWorker:
         self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
         self.stderr_reader.start()  # unread stderr would fill the channel's window and stall the worker
         self.channel = WorkerChannel(f"{name} on {runner.device.name}", self.session.makefile_stdin("w"),
-                                     self.session.makefile("r"), ended=self._ended, stop=self.session.close,
+                                     self.session.makefile("r"), ended=self._ended, stop=self._stop,
                                      timeout_s=runner.device.timeout_s)
+
+    def _stop(self) -> None:
+        """Close the channel of a worker that stopped answering (its transport may already be gone)."""
+        try:
+            self.session.close()
+        except (EOFError, OSError):
+            pass
 
     def _drain_stderr(self) -> None:
         for line in self.session.makefile_stderr("r"):
