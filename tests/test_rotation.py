@@ -61,7 +61,7 @@ def test_rotation_settings_are_checked_and_an_encoder_refuses_them(minilm_dir, t
     base = _plain(load_recipe("int8-dynamic"))
     with pytest.raises(ConfigError, match="rotation.residual' must be true or false"):
         recipe_from_dict("bad", {**base, "rotation": {"residual": "yes"}})
-    with pytest.raises(ConfigError, match="unknown.*rotation.hadamard|rotation.hadamard"):
+    with pytest.raises(ConfigError, match="unknown recipe key 'rotation.hadamard'"):
         recipe_from_dict("bad", {**base, "rotation": {"hadamard": True}})
     recipe = recipe_from_dict("rot", {**base, "rotation": {"residual": True}})
     with pytest.raises(UnsupportedError, match="architecture 'bert' has no rotation plan"):

@@ -25,7 +25,6 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 from edgeforge.errors import ConfigError, EdgeforgeError, RuntimeFailure
@@ -34,7 +33,7 @@ from edgeforge.runners.farm import Device, runner_for
 from edgeforge.verify.bench import (BenchSettings, check_lengths, describe_bench_model, draw_workload,
                                     measure_interleaved, model_result)
 from edgeforge.verify.bench_models import BenchModel
-from edgeforge.verify.machine import Machine
+from edgeforge.verify.machine import Machine, utc_now
 from edgeforge.verify.matrix_record import (BenchMatrix, Estimate, JobFailure, JobSummary, MatrixArtifact,
                                             MatrixJob, Metric, Ratio)
 
@@ -182,10 +181,10 @@ def measure_session(device: Device, pending: list[tuple[BenchModel, MatrixArtifa
     """One session on ``device``: its runner made afresh, the ``pending`` artifacts measured interleaved; their jobs."""
     runner = runner_for(device)
     environment = runner.environment(threads=settings.threads)
-    started, session = _now(), uuid.uuid4().hex
+    started, session = utc_now(), uuid.uuid4().hex
     models = [model for model, _ in pending]
     measured = measure_interleaved(runner, environment, models, settings, workload, say=say)
-    ended = _now()
+    ended = utc_now()
     order = [artifact.sha256 for _, artifact in pending]
     jobs = []
     for index, (model, artifact) in enumerate(pending):
@@ -202,10 +201,6 @@ def measure_session(device: Device, pending: list[tuple[BenchModel, MatrixArtifa
 def one_line(error: BaseException) -> str:
     """The error's first line (its type's name if it has no message)."""
     return (str(error).splitlines() or [type(error).__name__])[0]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # ---- the summary ----
