@@ -179,7 +179,7 @@ def _quantize(checkpoint, recipe, calib: Path | None, output: Path, target, say)
 
     record = result.record
     return QuantizeStage(seconds=round(result.seconds, 3), algorithm=recipe.algorithm, layers=record.layers,
-                         fallbacks=record.fallbacks, calibration=record.calibration)
+                         fallbacks=record.fallbacks, calibration=record.calibration, plan=record.plan)
 
 
 def _export(quantized_dir: Path, target, output: Path, max_seq_len: int | None, say) -> ExportStage:

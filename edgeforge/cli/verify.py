@@ -27,9 +27,12 @@ from edgeforge.runners import DEFAULT_RUNNER, RUNNERS
 @click.option("--no-eager", is_flag=True,
               help="Decoder artifacts: skip running the source quantized checkpoint eagerly, and its max_kld_eager gate.")
 @click.option("--allow-overlap", is_flag=True, help="Measure even when the text overlaps the calibration text.")
+@click.option("--farm", type=click.Path(path_type=str), help="A farm TOML (as bench's): with --device, run the artifact there.")
+@click.option("--device", "device_expression", metavar="NAME",
+              help="With --farm: the device whose runtime computes the artifact's logits, e.g. --device pi5.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the record as JSON to FILE ('-' for stdout only).")
 def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_dir, no_cache, max_kld, min_top1,
-           max_ppl_ratio, min_cosine, no_eager, allow_overlap, json_path) -> None:
+           max_ppl_ratio, min_cosine, no_eager, allow_overlap, farm, device_expression, json_path) -> None:
     """Run an artifact (or a checkpoint) and measure its drift from the fp32 reference; gate on it.
 
     Example: edgeforge verify llama-int4.pte.d --reference ./Llama-3.2-1B --data wiki.test.raw --max-kld 0.05
@@ -40,12 +43,28 @@ def verify(artifact, reference, data, seq_len, windows, sentences, top_k, cache_
     given = {"seq_len": seq_len, "windows": windows, "sentences": sentences, "top_k": top_k, "cache_dir": cache_dir,
              "max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio, "min_cosine": min_cosine}
     options = VerifyOptions(use_cache=not no_cache, allow_overlap=allow_overlap, eager=not no_eager,
+                            device=_farm_device(farm, device_expression),
                             **{k: v for k, v in given.items() if v is not None})
     report = run_verify(artifact, reference, data, options, progress=_progress)
     if json_path != "-":
         click.echo(format_verify_report(report))
     _emit_json(report.to_dict(), json_path)
     report.raise_for_gates()
+
+
+def _farm_device(farm, expression):
+    """verify --farm F --device NAME: the one device of F it names (None without --farm)."""
+    from edgeforge.runners.farm import load_farm
+
+    if (farm is None) != (expression is None):
+        raise ConfigError("--farm and --device go together: the farm file, and the device of it to run on")
+    if farm is None:
+        return None
+    devices = load_farm(farm).select(expression)
+    if len(devices) > 1:
+        raise ConfigError(f"--device {expression!r} matches {len(devices)} devices "
+                          f"({', '.join(device.name for device in devices)}): verify runs on one", path=farm)
+    return devices[0]
 
 
 @main.command()

@@ -132,7 +132,8 @@ def _record(source: ExportSource, target: Target, report: ExportReport, max_seq_
         format=target.format, target=target, architecture=source.architecture, config=source.config.to_dict(),
         scheme=source.scheme, max_seq_len=max_seq_len,
         source=ArtifactSource(str(source.path), source.sha256, quantized.recipe.name if quantized else None,
-                              quantized.calibration if quantized else None),
+                              quantized.calibration if quantized else None,
+                              quantized.block_bits_per_weight() if quantized else None),
         tokenizer_files=[f.name for f in source.tokenizer_files],
         tokenizer=tokenizer_policy(source.tokenizer),  # runners prepend BOS only where adds_bos
         report=report, versions={"edgeforge": __version__, "torch": torch.__version__, **report.versions},

@@ -37,6 +37,8 @@ class ArtifactSource:
     sha256: str = described("its content hash at export")
     recipe: str | None = described("its recipe's name, None for an fp32 checkpoint", default=None)
     calibration: CalibrationRecord | None = described("its calibration, None where it had none", default=None)
+    bits_per_weight: float | None = described("bits its block linears store per weight, scales and zero points "
+                                              "included; None for an fp32 checkpoint", default=None)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ linears that read one input:
   (:class:`Observation`: the Hessian E[x xᵀ]; the fp32 block's inputs, for algorithms that fold scales);
 - ``fold(weights, rows, scheme, runtime_inputs, head)``: per-input-channel scales s to fold into the op
   producing the input (AWQ, SmoothQuant), or None;
-- ``round(rows, scheme, stats)``: a chunk of a linear's rows as integers + scales (RTN, MSE clipping, GPTQ).
+- ``round(rows, scheme, stats)``: a chunk of a linear's rows as integers + scales (RTN, MSE clipping, GPTQ);
+  the built-ins take their group scales from the recipe's ``[scales]`` search where it asks for one.
 
 Built-ins register as an outside package would: entry points in ``edgeforge.algorithms``
 (pyproject.toml) naming a class, or a :class:`Composition` of two, with ``from_recipe(recipe)``.
@@ -26,7 +27,8 @@ import torch
 from edgeforge.quantize.awq import awq_search_scales
 from edgeforge.quantize.gptq import InverseHessian, gptq_quantize, prepare_hessian
 from edgeforge.quantize.rtn import mse_clip_search, rtn_quantize
-from edgeforge.quantize.scheme import QuantizedWeight, WeightScheme
+from edgeforge.quantize.scale_search import ScaleSettings, importance_qparams
+from edgeforge.quantize.scheme import QuantizedWeight, WeightScheme, quantize
 from edgeforge.quantize.smoothquant import smoothquant_scales
 from edgeforge.registry import Registry
 
@@ -88,26 +90,40 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class Rtn(Algorithm):
-    """Round to nearest on the min-max grid: data-free."""
+    """Round to nearest on the min-max grid, or on searched scales weighted by the weights' magnitude: data-free."""
 
     name: ClassVar[str] = "rtn"
+    scales: ScaleSettings = ScaleSettings()
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Rtn:
+        return cls(scales=recipe.scales)
+
+    def round(self, rows, scheme, stats):
+        return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=None)
 
 
 @dataclass(frozen=True)
 class Mse(Algorithm):
     """Round to nearest with int4 ranges clipped by an MSE grid search (weighted by the inputs' second
-    moment when calibration ran)."""
+    moment when calibration ran), or on importance-searched scales (calibrated)."""
 
     name: ClassVar[str] = "mse"
     observation: ClassVar[Observation] = Observation(hessian=True)
     grid: int = 20
+    scales: ScaleSettings = ScaleSettings()
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Mse:
-        return cls(grid=recipe.mse.grid)
+        return cls(grid=recipe.mse.grid, scales=recipe.scales)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The importance search is weighted by calibration's E[x²]; the clip search works without it."""
+        return self.scales.importance
 
     def round(self, rows, scheme, stats):
-        return rtn_quantize(rows, scheme, clip_ratio=clip_ratio(rows, scheme, stats, grid=self.grid))
+        return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=self.grid)
 
 
 def clip_ratio(rows: torch.Tensor, scheme: WeightScheme, stats: GroupStatistics, *, grid: int) -> torch.Tensor | None:
@@ -119,9 +135,28 @@ def clip_ratio(rows: torch.Tensor, scheme: WeightScheme, stats: GroupStatistics,
     return mse_clip_search(rows, scheme, input_second_moment=moment, grid=grid)
 
 
+def searched_qparams(rows: torch.Tensor, scheme: WeightScheme, stats: GroupStatistics,
+                     scales: ScaleSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Importance-searched group qparams of ``rows``, weighted by the inputs' second moment (the Hessian's
+    diagonal) when calibration measured it."""
+    moment = stats.hessian.diagonal().float() if stats.hessian is not None else None
+    return importance_qparams(rows, scheme, importance=moment, magnitude=scales.magnitude)
+
+
+def rounded_to_nearest(rows: torch.Tensor, scheme: WeightScheme, stats: GroupStatistics, scales: ScaleSettings, *,
+                       clip_grid: int | None) -> QuantizedWeight:
+    """RTN on the grid the recipe asks for: importance-searched, else min-max clipped by the MSE search over
+    ``clip_grid`` ratios (None: plain min-max)."""
+    if scales.importance:
+        scale, zero_point = searched_qparams(rows, scheme, stats, scales)
+        return QuantizedWeight(quantize(rows, scale, zero_point, scheme), scale, zero_point)
+    clip = None if clip_grid is None else clip_ratio(rows, scheme, stats, grid=clip_grid)
+    return rtn_quantize(rows, scheme, clip_ratio=clip)
+
+
 @dataclass(frozen=True)
 class Gptq(Algorithm):
-    """GPTQ rounding against the group's Hessian, from MSE-clipped int4 ranges."""
+    """GPTQ rounding against the group's Hessian, from MSE-clipped int4 ranges or importance-searched scales."""
 
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
@@ -130,20 +165,24 @@ class Gptq(Algorithm):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    scales: ScaleSettings = ScaleSettings()
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Gptq:
         settings = recipe.gptq
         return cls(grid=recipe.mse.grid, damp=settings.damp, block_size=settings.block_size,
-                   act_order=settings.act_order)
+                   act_order=settings.act_order, scales=recipe.scales)
 
     def round(self, rows, scheme, stats):
-        clip = clip_ratio(rows, scheme, stats, grid=self.grid)
         if stats.hessian is None:
-            return rtn_quantize(rows, scheme, clip_ratio=clip)
+            return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=self.grid)
         inverse = stats.inverse_hessian(damp=self.damp, act_order=self.act_order)
+        if self.scales.importance:  # static groups: the searched qparams of the weight before any update
+            groups = {"qparams": searched_qparams(rows, scheme, stats, self.scales)}
+        else:
+            groups = {"clip_ratio": clip_ratio(rows, scheme, stats, grid=self.grid)}
         return gptq_quantize(rows, inverse, scheme, damp=self.damp, block_size=self.block_size,
-                             act_order=self.act_order, clip_ratio=clip)
+                             act_order=self.act_order, **groups)
 
 
 @dataclass(frozen=True)
@@ -155,16 +194,17 @@ class Awq(Algorithm):
     observation: ClassVar[Observation] = Observation(hessian=True, scales=True)
     grid: int = 20
     awq_grid: int = 20
+    scales: ScaleSettings = ScaleSettings()
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Awq:
-        return cls(grid=recipe.mse.grid, awq_grid=recipe.awq.grid)
+        return cls(grid=recipe.mse.grid, awq_grid=recipe.awq.grid, scales=recipe.scales)
 
     def fold(self, weights, rows, scheme, runtime_inputs, *, head):
         return awq_search_scales(weights, rows, scheme, grid=self.awq_grid, quantize_inputs=runtime_inputs)
 
     def round(self, rows, scheme, stats):
-        return rtn_quantize(rows, scheme, clip_ratio=clip_ratio(rows, scheme, stats, grid=self.grid))
+        return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=self.grid)
 
 
 @dataclass(frozen=True)
@@ -176,10 +216,14 @@ class SmoothQuant(Algorithm):
     needs_calibration: ClassVar[bool] = True
     observation: ClassVar[Observation] = Observation(scales=True)
     alpha: float = 0.5
+    scales: ScaleSettings = ScaleSettings()
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> SmoothQuant:
-        return cls(alpha=recipe.smoothquant.alpha)
+        return cls(alpha=recipe.smoothquant.alpha, scales=recipe.scales)
+
+    def round(self, rows, scheme, stats):
+        return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=None)
 
     def fold(self, weights, rows, scheme, runtime_inputs, *, head):
         return None if head else smoothquant_scales(rows.abs().amax(dim=0), weights, alpha=self.alpha)

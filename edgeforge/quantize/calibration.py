@@ -95,6 +95,31 @@ def build_calibration(path: str | Path, tokenizer, *, samples: int, seq_len: int
     """Draw ``samples`` windows of ``seq_len`` tokens from the text at ``path``, deterministically for ``seed``."""
     if samples <= 0 or seq_len <= 1:
         raise ConfigError(f"calibration needs samples >= 1 and seq_len >= 2, got {samples} x {seq_len}")
+    documents, sha256, stream, owners, order = _drawn_windows(path, tokenizer, samples=samples, seq_len=seq_len,
+                                                             seed=seed)
+    chosen = sorted(order[:samples])
+    tokens = torch.tensor([stream[w * seq_len:(w + 1) * seq_len] for w in chosen], dtype=torch.long)
+    used = sorted({owners[i] for w in chosen for i in range(w * seq_len, (w + 1) * seq_len)})
+    return CalibrationSet(tokens=tokens, source=str(path), sha256=sha256, available_tokens=len(stream),
+                          document_fingerprints=tuple(document_fingerprint(documents[i]) for i in used))
+
+
+def held_out_windows(path: str | Path, tokenizer, *, samples: int, seq_len: int, seed: int, count: int,
+                     length: int) -> torch.Tensor:
+    """``count`` windows [count, length] of the calibration text that :func:`build_calibration` with the same
+    settings does not draw (the first ``length`` tokens of undrawn windows, in draw order): text to measure a
+    quantized model on without touching the evaluation text or the calibration windows."""
+    path = Path(path)
+    _, _, stream, _, order = _drawn_windows(path, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+    spare = order[samples:samples + count]
+    if len(spare) < count:
+        raise InputError(f"calibration text too short to hold out {count} windows of {seq_len} tokens beside the "
+                         f"{samples} calibration samples", path=path)
+    return torch.tensor([stream[w * seq_len:w * seq_len + length] for w in spare], dtype=torch.long)
+
+
+def _drawn_windows(path, tokenizer, *, samples: int, seq_len: int, seed: int):
+    """(documents, sha256, token stream, document index of every token, window indices in draw order)."""
     documents, sha256 = read_documents(path)
     needed = samples * seq_len
     stream: list[int] = []
@@ -110,11 +135,7 @@ def build_calibration(path: str | Path, tokenizer, *, samples: int, seq_len: int
         raise InputError(f"calibration text too short: {len(stream)} tokens make {windows} windows of {seq_len}, "
                          f"{samples} samples need {needed} tokens", path=path)
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(windows, generator=generator)[:samples].sort().values.tolist()
-    tokens = torch.tensor([stream[w * seq_len:(w + 1) * seq_len] for w in chosen], dtype=torch.long)
-    used = sorted({owners[i] for w in chosen for i in range(w * seq_len, (w + 1) * seq_len)})
-    return CalibrationSet(tokens=tokens, source=str(path), sha256=sha256, available_tokens=len(stream),
-                          document_fingerprints=tuple(document_fingerprint(documents[i]) for i in used))
+    return documents, sha256, stream, owners, torch.randperm(windows, generator=generator).tolist()
 
 
 def with_calibration(recipe, *, samples: int | None = None, seq_len: int | None = None, seed: int | None = None):

@@ -12,7 +12,8 @@ needs a plain function of (weight, Hessian) that streams on a CPU.
 Differences from the reference code (``gptq.py`` ``fasterquant``):
 - ``static_groups=True`` (the default, and required with ``act_order``) takes every group's qparams
   from the weight before any update, so columns keep their original groups and the result packs in
-  the normal layout; a clip ratio from ``mse_clip_search`` then applies exactly as searched.
+  the normal layout; a clip ratio from ``mse_clip_search``, or the scales of
+  :func:`~edgeforge.quantize.scale_search.importance_qparams`, then apply exactly as searched.
 - Input channels never active during calibration (zero Hessian diagonal) keep their weights and are
   rounded to nearest; the reference zeroes them. Their identity Hessian row keeps the error local.
 - The Hessian is damped and inverted in float64; the column sweep runs in float32.
@@ -82,8 +83,8 @@ def prepare_hessian(hessian: torch.Tensor, *, damp: float = 0.01, act_order: boo
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | InverseHessian, scheme: WeightScheme, *,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = True,
-                  static_groups: bool = True,
-                  clip_ratio: float | torch.Tensor | None = None) -> QuantizedWeight:
+                  static_groups: bool = True, clip_ratio: float | torch.Tensor | None = None,
+                  qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> QuantizedWeight:
     """Quantize `weight` [out, in] with GPTQ against `hessian` [in, in]; same layout as RTN's result.
 
     damp: added to the Hessian's diagonal, as a fraction of its mean.
@@ -93,6 +94,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | InverseHessian, 
     static_groups: take group qparams from the weight up front (True) or, as the paper does, from
         the error-updated columns when the sweep reaches each group (False; not with act_order).
     clip_ratio: shrinks each group's range before its scale is taken (float or [out, groups]).
+    qparams: the static groups' scale [out, groups] and zero point, chosen by the caller (a scale search)
+        instead of the (clipped) min-max ones.
     """
     weight = weight.float()
     out_features, in_features = weight.shape
@@ -105,7 +108,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | InverseHessian, 
 
     n_groups = in_features // group_size
     ratios = None if clip_ratio is None else torch.ones(out_features, n_groups) * clip_ratio
-    if dynamic_groups:
+    if qparams is not None and (dynamic_groups or clip_ratio is not None):
+        raise ValueError("GPTQ takes given qparams with static groups and no clip ratio")
+    if qparams is not None:
+        scale, zero_point = qparams
+    elif dynamic_groups:
         block_size = max(block_size // group_size, 1) * group_size
         scale = torch.empty(out_features, n_groups)
         zero_point = None if scheme.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8)

@@ -13,6 +13,7 @@ per-layer overrides (regex on the layer name, first match wins). Unknown keys ar
     [[override]]   match = 'layers\\.0\\.', bits = 8     (or keep = true for full precision)
     [calibration]  samples = 128, seq_len = 512, seed = 0
     [gptq] damp, block_size, act_order   [awq] grid   [mse] grid   [smoothquant] alpha
+    [scales]       search = "importance", magnitude = true   (group scales: range | importance search)
     [gates] max_kld, min_top1, max_ppl_ratio, min_cosine    (defaults for verify)
 
 Gates are sanity bounds per scheme family, not quality targets: any normal quantization of that family
@@ -35,6 +36,7 @@ from pathlib import Path
 from edgeforge.errors import ConfigError, UnknownNameError
 from edgeforge.fileio import named_toml, read_toml
 from edgeforge.quantize.algorithms import ALGORITHMS, Algorithm, algorithm_for
+from edgeforge.quantize.scale_search import ScaleSettings
 from edgeforge.quantize.scheme import ActivationScheme, WeightScheme
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -128,6 +130,7 @@ class Recipe:
     mse: MseSettings = MseSettings()
     smoothquant: SmoothQuantSettings = SmoothQuantSettings()
     rotation: RotationSettings = RotationSettings()
+    scales: ScaleSettings = ScaleSettings()
     gates: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -169,15 +172,15 @@ class Recipe:
                "output": self.output.to_dict() if self.output else None,
                "rules": [{"match": r.pattern, "scheme": r.scheme.to_dict() if r.scheme else None} for r in self.rules],
                "gates": dict(self.gates)}
-        for name in ("calibration", "gptq", "awq", "mse", "smoothquant", "rotation"):
+        for name in ("calibration", "gptq", "awq", "mse", "smoothquant", "rotation", "scales"):
             out[name] = vars(getattr(self, name)).copy()
         return out
 
 
 _TOP_KEYS = {"description", "algorithm", "activations", "fallback", "weights", "embedding", "output", "override",
-             "calibration", "gptq", "awq", "mse", "smoothquant", "rotation", "gates"}
+             "calibration", "gptq", "awq", "mse", "smoothquant", "rotation", "scales", "gates"}
 _SETTINGS = {"calibration": CalibrationSettings, "gptq": GptqSettings, "awq": AwqSettings, "mse": MseSettings,
-             "smoothquant": SmoothQuantSettings, "rotation": RotationSettings}
+             "smoothquant": SmoothQuantSettings, "rotation": RotationSettings, "scales": ScaleSettings}
 _GATES = {"max_kld", "min_top1", "max_ppl_ratio", "min_cosine"}
 
 

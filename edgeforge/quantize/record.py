@@ -3,6 +3,7 @@ and error; quantize writes it, export, verify, bench and inspect read its fields
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,8 @@ class RecipeRecord:
     smoothquant: dict = described("SmoothQuant settings", default_factory=dict)
     rotation: dict = described("rotations folded into the weights before quantizing: residual, heads, seed",
                                default_factory=dict)
+    scales: dict = described("group scale search (range or importance) and its magnitude weighting",
+                             default_factory=dict)
 
     @property
     def scheme(self) -> str:
@@ -109,6 +112,9 @@ class QuantizedCheckpoint(Record):
     layers: dict[str, QuantizedLayer] = described("every quantized layer by module name, in execution order")
     fallbacks: dict[str, str] = described("layers whose scheme was replaced, and why", default_factory=dict)
     versions: dict[str, str] = described("versions of edgeforge, torch and torchao", default_factory=dict)
+    plan: dict | None = described("the budget planner's choice (edgeforge.quantize.planner): request, achieved bits "
+                                  "per weight, estimated and measured KLD, the curve; None: not planned",
+                                  default=None)
 
     @property
     def scheme(self) -> str:
@@ -123,6 +129,27 @@ class QuantizedCheckpoint(Record):
     def model_config(self):
         """The model config object (LlamaConfig or BertConfig)."""
         return model_config(self.architecture, self.config)
+
+    def block_bits_per_weight(self) -> float | None:
+        """Bits the block linears store per weight, scales and zero points included (None: none quantized)."""
+        from edgeforge.checkpoints.loading import expected_shapes
+
+        shapes = expected_shapes(self.architecture, self.model_config())
+        return bits_per_weight({name: (shapes[f"{name}.weight"], layer.weight_scheme)
+                                for name, layer in self.layers.items() if is_block_layer(name)})
+
+
+def is_block_layer(name: str) -> bool:
+    """Whether a layer sits in a numbered block ("layers.3.", "encoder.layer.3."), not the embedding or head."""
+    return re.search(r"\.\d+\.", name) is not None
+
+
+def bits_per_weight(layers: dict[str, tuple[tuple[int, int], WeightScheme]]) -> float | None:
+    """Stored bits per weight of ``layers`` (name -> ((out, in), scheme)); None when there are none."""
+    weights = sum(out * width for (out, width), _ in layers.values())
+    if not weights:
+        return None
+    return 8 * sum(scheme.stored_bytes(out, width) for (out, width), scheme in layers.values()) / weights
 
 
 def model_config(architecture: str, config: dict):

@@ -33,6 +33,14 @@ def fake_quantize_weight(weight: torch.Tensor, scheme: WeightScheme, *,
     return dequantize(*rtn_quantize(weight, scheme, clip_ratio=clip_ratio))
 
 
+def check_ratio_grid(grid: int, min_ratio: float, what: str) -> None:
+    """Refuse a ratio grid that is not a positive integer count down to a ratio in (0, 1]."""
+    if type(grid) is not int or grid < 1:
+        raise ConfigError(f"{what} grid must be a positive integer, got {grid!r}")
+    if not 0 < min_ratio <= 1:
+        raise ConfigError(f"{what} min_ratio must lie in (0, 1], got {min_ratio}")
+
+
 def mse_clip_search(weight: torch.Tensor, scheme: WeightScheme, *,
                     input_second_moment: torch.Tensor | None = None,
                     grid: int = 50, min_ratio: float = 0.5, norm: float = 2.4) -> torch.Tensor:
@@ -42,10 +50,7 @@ def mse_clip_search(weight: torch.Tensor, scheme: WeightScheme, *,
     a group keeps 1.0 unless a smaller ratio is strictly better. `input_second_moment` [in]
     (mean x² per input channel, the Hessian's diagonal) weights each column's error.
     """
-    if type(grid) is not int or grid < 1:
-        raise ConfigError(f"clip search grid must be a positive integer, got {grid!r}")
-    if not 0 < min_ratio <= 1:
-        raise ConfigError(f"clip search min_ratio must lie in (0, 1], got {min_ratio}")
+    check_ratio_grid(grid, min_ratio, "clip search")
     weight = weight.float()
     scale, _ = compute_qparams(weight, scheme)  # validates the group size
     out_features, n_groups = scale.shape

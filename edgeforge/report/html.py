@@ -139,7 +139,29 @@ def _quantize_section(quantize: QuantizeStage | None) -> str:
             f"{calibration.source} (sha256 {calibration.sha256[:12]}...)" if calibration
             else "data-free recipe: no calibration text")
     return (f"<h2>Quantization</h2><p>{escape(note)}; {quantize.seconds:.1f} s</p>{plot}"
+            f"{plan_curve(quantize.plan)}"
             + html_table(["layer", "scheme", "rel. error", "RTN rel. error", "SQNR dB", "fallback"], rows, numeric_from=2))
+
+
+def plan_curve(plan: dict | None) -> str:
+    """The budget planner's estimated KLD against bits per weight, the chosen plan marked ("" without a plan)."""
+    if not plan:
+        return ""
+    figure, axis = new_figure(6, 3)
+    curve = plan["curve"]
+    axis.plot([p["bits_per_weight"] for p in curve], [p["estimated_kld"] for p in curve], marker=".",
+              color="#1f6feb", label="plans (estimated)")
+    axis.scatter([u["bits_per_weight"] for u in plan["uniform"]], [u["estimated_kld"] for u in plan["uniform"]],
+                 color="#bbbbbb", label="uniform (estimated)")
+    axis.scatter([plan["bits_per_weight"]], [plan["measured_kld"]], color="#d1242f", zorder=3,
+                 label="chosen (measured)")
+    axis.set_yscale("log")
+    axis.set_xlabel("bits per weight, block linears")
+    axis.set_ylabel("KLD (nats)")
+    axis.legend(fontsize=7)
+    line = (f"plan: {plan['layers']}; {plan['bits_per_weight']:.3f} bits per weight, KLD measured "
+            f"{plan['measured_kld']:.4f} on {plan['measured_on']}")
+    return f"<p>{escape(line)}</p>{inline_png(figure)}"
 
 
 def _export_section(export: ExportStage | None) -> str:

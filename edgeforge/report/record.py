@@ -44,6 +44,8 @@ class QuantizeStage:
     layers: dict[str, QuantizedLayer] = described("every quantized layer by module name, in execution order")
     fallbacks: dict[str, str] = described("layers whose scheme was replaced, and why")
     calibration: CalibrationRecord | None = described("calibration text used, null for a data-free recipe")
+    plan: dict | None = described("the budget planner's choice and curve (QuantizedCheckpoint.plan), null if none",
+                                  default=None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -110,6 +110,13 @@ class Worker:
         prefill_s = [self._prefill(ids)[0] for ids in prompts]
         return {"prefill_s": prefill_s, "decode_s": self._decode(decode_context, decode_tokens)}
 
+    def op_drift_window(self, *, tokens: list[int], topk_ids: dict, with_logits: bool) -> dict:
+        """verify on this device: one window through the loaded artifact, answered with what the statistics read
+        (:func:`edgeforge.verify.remote.device_window`)."""
+        from edgeforge.verify.remote import device_window
+
+        return device_window(self.session, tokens, topk_ids, with_logits)
+
     def op_finish(self) -> dict:
         # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark into ru_maxrss across fork + exec
         return {"peak_rss_bytes": _status_bytes("VmHWM")}

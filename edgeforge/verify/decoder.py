@@ -23,8 +23,8 @@ from edgeforge.verify.reference import (
     CacheKey,
     cached,
     decoder_reference,
+    stats_from_inputs,
     tokens_sha256,
-    topk_token_stats,
 )
 
 DEFAULT_SEQ_LEN = 512  # tokens per window (llama.cpp's default context), capped by the model's context
@@ -152,12 +152,12 @@ def _window_stats(model: EvalModel, windows: torch.Tensor, reference: dict, voca
     parts = []
     step = batch_size if model.eager else 1
     for first in range(0, windows.shape[0], step):
-        logits = model.window_logits(windows[first:first + step])
-        if logits.shape[-1] != vocab:
-            raise InputError(f"the model's vocabulary ({logits.shape[-1]}) is not the reference's ({vocab})",
+        model_vocab, inputs = model.drift_inputs(windows[first:first + step], reference["topk_ids"][first:first + step])
+        if model_vocab != vocab:
+            raise InputError(f"the model's vocabulary ({model_vocab}) is not the reference's ({vocab})",
                              path=model.path)
-        parts += [topk_token_stats(reference, first + row, logits[row]) for row in range(logits.shape[0])]
-        say_progress(say, role, first + logits.shape[0], windows.shape[0])
+        parts += [stats_from_inputs(reference, first + row, test) for row, test in enumerate(inputs)]
+        say_progress(say, role, first + len(inputs), windows.shape[0])
     return parts
 
 

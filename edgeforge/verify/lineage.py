@@ -40,6 +40,7 @@ class Lineage:
     eager_source: Path | None = None
     eager_source_sha256: str | None = None
     eager_numerics: str | None = None
+    bits_per_weight: float | None = None
     notes: tuple[str, ...] = ()
 
 
@@ -56,7 +57,7 @@ def quantized_lineage(path: Path, record: QuantizedCheckpoint) -> Lineage:
                    calibrated=calibration is not None,
                    calibration_sha256=calibration.sha256 if calibration else None,
                    calibration_fingerprints=fingerprints, fingerprints_source=source,
-                   source_sha256=record.source.sha256, notes=notes)
+                   source_sha256=record.source.sha256, bits_per_weight=record.block_bits_per_weight(), notes=notes)
 
 
 def artifact_lineage(path: Path, record) -> Lineage:
@@ -99,7 +100,8 @@ def artifact_lineage(path: Path, record) -> Lineage:
                    calibration_fingerprints=fingerprints, fingerprints_source=fingerprints_source,
                    source_sha256=source_sha256, eager_source=source_dir if source_record else None,
                    eager_source_sha256=source.sha256 if source_record else None,
-                   eager_numerics=record.target.activation_numerics.value, notes=tuple(notes))
+                   eager_numerics=record.target.activation_numerics.value, bits_per_weight=source.bits_per_weight,
+                   notes=tuple(notes))
 
 
 def _artifact_gates(recipe: str | None, source_dir: Path | None, source_record: QuantizedCheckpoint | None,

@@ -169,9 +169,23 @@ class EvalModel:
         """
         if self.eager:
             return self.session.window_logits(windows)
-        positions = torch.arange(windows.shape[1])
-        with torch.inference_mode():
-            return torch.cat([self.session.forward(row[None], positions) for row in windows])
+        return runtime_window_logits(self.session, windows)
+
+    def drift_inputs(self, windows: torch.Tensor, topk_ids: torch.Tensor) -> tuple[int, list[dict]]:
+        """(vocabulary, :func:`~edgeforge.verify.reference.drift_inputs` of each window [B, L] at the reference's
+        top-k ids [B, L-1, k]); a session on a device (:mod:`edgeforge.verify.remote`) computes them there."""
+        if hasattr(self.session, "drift_inputs"):
+            return self.session.drift_inputs(windows, topk_ids)
+        from edgeforge.verify.reference import drift_inputs
+
+        logits = self.window_logits(windows)
+        return logits.shape[-1], [drift_inputs(logits[row], topk_ids[row], windows[row, 1:])
+                                  for row in range(windows.shape[0])]
+
+    def close(self) -> None:
+        """Free what the session holds beyond this process (a device's worker); local sessions hold nothing."""
+        if hasattr(self.session, "close"):
+            self.session.close()
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -182,11 +196,21 @@ class EvalModel:
     def describe(self) -> dict:
         return {"path": str(Path(self.path).resolve()), "sha256": self.sha256, "kind": self.kind, "format": self.format,
                 "architecture": self.architecture, "scheme": self.scheme, "recipe": self.lineage.recipe,
-                "max_seq_len": self.max_seq_len}
+                "max_seq_len": self.max_seq_len, "bits_per_weight": self.lineage.bits_per_weight}
 
 
-def open_for_eval(path: str | Path) -> EvalModel:
-    """Open an artifact, a quantized checkpoint or a plain checkpoint for evaluation (kind from its record)."""
+def runtime_window_logits(session, windows: torch.Tensor) -> torch.Tensor:
+    """Logits [B, L, vocab] of windows [B, L] through an artifact's runtime session, one prefill from position 0
+    per window (the KV cache starts again at 0)."""
+    positions = torch.arange(windows.shape[1])
+    with torch.inference_mode():
+        return torch.cat([session.forward(row[None], positions) for row in windows])
+
+
+def open_for_eval(path: str | Path, *, session=open_session) -> EvalModel:
+    """Open an artifact, a quantized checkpoint or a plain checkpoint for evaluation (kind from its record).
+
+    session: makes the model's session from its :class:`ModelInfo` (default: loaded here, in its runtime)."""
     info = describe_model(path)
     if info.kind == "checkpoint":
         sha256 = info.checkpoint.content_hash()
@@ -194,4 +218,4 @@ def open_for_eval(path: str | Path) -> EvalModel:
     else:
         sha256 = content_sha256(info.path)
         lineage = (artifact_lineage if info.kind == "artifact" else quantized_lineage)(info.path, info.record)
-    return EvalModel(info=info, sha256=sha256, lineage=lineage, session=open_session(info))
+    return EvalModel(info=info, sha256=sha256, lineage=lineage, session=session(info))

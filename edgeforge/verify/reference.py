@@ -167,8 +167,27 @@ def _rest_logprob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logp.scatter(-1, ids.long(), float("-inf")).logsumexp(-1)
 
 
+def drift_inputs(test_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All the drift statistics read of one window's test logits [L, V], at the reference's top-k ``ids``
+    [L-1, k] and the ``targets`` [L-1]: log-probs at the ids (float32, the cache's precision), the log of the
+    rest (float64), the target's log-prob (float64) and the argmax. A device computes these beside the model
+    (:mod:`edgeforge.verify.remote`) and sends 4k + 24 bytes per position instead of 4V.
+    """
+    test_logp = torch.log_softmax(test_logits[:-1].double(), dim=-1)  # [T, V]
+    return {"top_logprobs": test_logp.gather(-1, ids.long()).float(),
+            "rest_logprob": _rest_logprob(test_logp, ids.long()),
+            "target_logprob": test_logp.gather(-1, targets.long()[:, None])[:, 0],
+            "top1": test_logits[:-1].argmax(-1)}
+
+
 def topk_token_stats(reference: dict[str, torch.Tensor], window: int, test_logits: torch.Tensor) -> TokenStats:
-    """Per-token drift of one window's test logits [L, V] against the cached reference (window ``window``).
+    """Per-token drift of one window's test logits [L, V] against the cached reference (window ``window``)."""
+    inputs = drift_inputs(test_logits, reference["topk_ids"][window], reference["tokens"][window, 1:])
+    return stats_from_inputs(reference, window, inputs)
+
+
+def stats_from_inputs(reference: dict[str, torch.Tensor], window: int, test: dict[str, torch.Tensor]) -> TokenStats:
+    """Per-token drift of one window's :func:`drift_inputs` against the cached reference (window ``window``).
 
     KL(ref || test) is computed over k + 1 outcomes: the reference's top-k tokens, and one bucket for
     every other token, p_rest = 1 - sum p_topk against q_rest = 1 - sum q over the same ids:
@@ -182,16 +201,13 @@ def topk_token_stats(reference: dict[str, torch.Tensor], window: int, test_logit
     the cache's float32 precision, so identical models give exactly 0. Perplexity, top-1 agreement and
     delta_p are exact: they need only the target's and the argmax's probabilities, which are stored.
     """
-    ids = reference["topk_ids"][window].long()  # [T, k]
-    targets = reference["tokens"][window, 1:].long()
-    test_logp = torch.log_softmax(test_logits[:-1].double(), dim=-1)  # [T, V]
     ref_top = reference["topk_logprobs"][window].double()
-    test_top = test_logp.gather(-1, ids).float().double()  # at the cache's precision, like the reference's
-    ref_rest, test_rest = reference["rest_logprob"][window], _rest_logprob(test_logp, ids)
+    test_top = test["top_logprobs"].double()
+    ref_rest, test_rest = reference["rest_logprob"][window], test["rest_logprob"]
     rest = torch.where(ref_rest > float("-inf"), ref_rest.exp() * (ref_rest - test_rest), 0.0)
     kld = ((ref_top.exp() * (ref_top - test_top)).sum(-1) + rest).clamp_min(0.0)
     ref_nll = reference["ref_nll"][window]
-    test_nll = -test_logp.gather(-1, targets[:, None])[:, 0]
-    same_top1 = reference["ref_top1"][window].long() == test_logits[:-1].argmax(-1)
+    test_nll = -test["target_logprob"]
+    same_top1 = reference["ref_top1"][window].long() == test["top1"].long()
     return TokenStats(kld=kld, ref_nll=ref_nll, test_nll=test_nll, same_top1=same_top1,
                       delta_p=torch.exp(-test_nll) - torch.exp(-ref_nll))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from edgeforge.errors import GateFailed
 from edgeforge.records import Record, described
+from edgeforge.runners.conditions import Provenance
 from edgeforge.verify.drift import DriftStats
 from edgeforge.verify.embedding import EmbeddingStats
 
@@ -107,6 +108,9 @@ class VerifiedModel:
     scheme: str = described("fp32, 8da4w, 8da8w, 4w, 8w, ...")
     recipe: str | None = described("the recipe it was quantized with, null for a plain checkpoint")
     max_seq_len: int = described("positions it holds")
+    bits_per_weight: float | None = described("bits its block linears store per weight (scales and zero points "
+                                              "included), null for fp32 or an artifact exported before this field",
+                                              default=None)
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,19 @@ class Timing:
                                             default=None)
 
 
+@dataclass(frozen=True)
+class MeasuringDevice:
+    """The farm device whose runtime computed the artifact's logits (``verify --farm F --device NAME``)."""
+
+    name: str = described("the device's name in the farm file")
+    runner: str = described("its runner (the device's kind): ssh, local, ...")
+    labels: dict[str, str] = described("its labels in the farm file")
+    versions: dict[str, str | None] = described("package versions there (torch, the runtimes; null: not installed)")
+    load_s: float = described("seconds the artifact took to load there")
+    provenance: Provenance = described("artifact and worker hashes, the worker's command line, threads, CPU mask, "
+                                       "uname and OS build there")
+
+
 @dataclass(frozen=True, kw_only=True)
 class VerifyReport(Record):
     """What `edgeforge verify` measured and decided (`--json FILE`, and `verify` in a forge report)."""
@@ -230,6 +247,8 @@ class VerifyReport(Record):
     notes: tuple[str, ...] = described("lines printed with the report: lineage mismatches, missing fingerprints",
                                        default=())
     versions: dict[str, str | None] = described("edgeforge, git_commit, python, torch, the runtime, platform")
+    device: MeasuringDevice | None = described("where the artifact's logits were computed with --device, else null "
+                                               "(this host; versions above are this host's)", default=None)
 
     def __post_init__(self):
         object.__setattr__(self, "verdict", _verdict(self.gates))
@@ -274,6 +293,10 @@ def format_verify_report(report: VerifyReport) -> str:
         lines.append(f"reference  top-{settings.top_k} log-probs (they leave {cache.rest_mass_mean:.1e} of the "
                      f"probability outside, on average) {cached}")
         lines += ["", *_drift_block(report.drift, settings.top_k), "", reading(report.drift)]
+        if artifact.bits_per_weight is not None:
+            lines.append(f"size       {artifact.bits_per_weight:.3f} bits per weight over the block linears "
+                         f"(scales and zero points included; head and embedding apart), KLD "
+                         f"{report.drift.kld_mean_nats:.4f}")
     else:
         lines.append(f"data       {data.path}: {settings.sentences} sentences, at most "
                      f"{settings.max_length_tokens} tokens each ({data.documents_evaluated} documents)")
@@ -287,6 +310,11 @@ def format_verify_report(report: VerifyReport) -> str:
                      f"{' (cached)' if eager.cache_hit else ''}")
     timing = report.timing
     eager_time = f", eager source {timing.eager_seconds:.1f} s" if report.eager is not None else ""
+    if report.device is not None:
+        device, provenance = report.device, report.device.provenance
+        lines.append(f"device     {device.name} ({device.runner}, {provenance.uname.get('machine', '?')}, "
+                     f"{provenance.os_build or 'OS unknown'}) computed the model's logits; worker sha256 "
+                     f"{provenance.runner_sha256[:12]}")
     lines.append(f"timing     reference {timing.reference_seconds:.1f} s"
                  f"{' (cached)' if cache.hit else ''}, model {timing.test_seconds:.1f} s{eager_time}")
     overlap = report.overlap

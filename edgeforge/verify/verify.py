@@ -73,6 +73,8 @@ class VerifyOptions:
     allow_overlap: measure even when the evaluation text overlaps the calibration text.
     max_kld, min_top1, max_ppl_ratio, min_cosine: gates; each overrides the recipe's gate of that name.
     eager: decoder artifacts: also run the source quantized checkpoint eagerly and gate on max_kld_eager.
+    device: a farm device (``edgeforge.runners.farm.Device``) whose runtime computes the artifact's logits
+        (:mod:`edgeforge.verify.remote`); None: this host.
     """
 
     seq_len: int | None = None
@@ -87,6 +89,7 @@ class VerifyOptions:
     max_ppl_ratio: float | None = None
     min_cosine: float | None = None
     eager: bool = True
+    device: object | None = None
 
     def __post_init__(self):
         for name in ("windows", "sentences", "top_k"):
@@ -104,16 +107,28 @@ class VerifyOptions:
 def verify(model_path: str | Path, reference_path: str | Path, data_path: str | Path,
            options: VerifyOptions = VerifyOptions(), *, progress: Callable[[str], None] | None = None) -> VerifyReport:
     """Measure the model at ``model_path`` against the reference checkpoint on the text at ``data_path``."""
-    from edgeforge.quantize.calibration import read_documents
-
     say = progress or (lambda message: None)
     reference = _open_reference(reference_path)
     say(f"opening {model_path} ...")
-    model = open_for_eval(model_path)
-    measure = family_choice(model.architecture, _MEASURE, "verify measurement", path=model_path)
+    if options.device is None:
+        model = open_for_eval(model_path)
+    else:
+        from edgeforge.verify.remote import open_on_device
+
+        model = open_on_device(model_path, options.device, say=say)
+    try:
+        return _verify_model(model, reference, reference_path, data_path, options, say)
+    finally:
+        model.close()
+
+
+def _verify_model(model: EvalModel, reference, reference_path, data_path, options: VerifyOptions, say) -> VerifyReport:
+    from edgeforge.quantize.calibration import read_documents
+
+    measure = family_choice(model.architecture, _MEASURE, "verify measurement", path=model.path)
     if model.architecture != reference.architecture:
         raise InputError(f"the model is a {model.architecture} and the reference {reference_path} a "
-                         f"{reference.architecture}: nothing to compare", path=model_path)
+                         f"{reference.architecture}: nothing to compare", path=model.path)
     gates = _gate_thresholds(model.architecture, options, model.lineage)
     documents, data_sha256 = read_documents(data_path)
     reference_sha256 = reference.content_hash()
@@ -146,7 +161,8 @@ def verify(model_path: str | Path, reference_path: str | Path, data_path: str | 
         eager=measured.eager, gates=results,
         gates_source=model.lineage.gates_source if any(source == "recipe" for _, source in gates.values()) else None,
         overlap=measured.overlap, reference_cache=measured.cache, timing=measured.timing,
-        versions=provenance(model.format), created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        versions=provenance(model.format), device=None if options.device is None else model.session.record,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         notes=tuple(notes))
 
 
