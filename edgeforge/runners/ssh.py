@@ -20,6 +20,7 @@ text and a second tool for the upload.
 
 from __future__ import annotations
 
+import io
 import posixpath
 import shlex
 import stat
@@ -195,7 +196,7 @@ class RemoteWorker:
         self.stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
         self.stderr_reader.start()  # unread stderr would fill the channel's window and stall the worker
         self.channel = WorkerChannel(f"{name} on {runner.device.name}", self.session.makefile_stdin("w"),
-                                     self.session.makefile("r"), ended=self._ended, stop=self._stop,
+                                     _line_reader(self.session), ended=self._ended, stop=self._stop,
                                      timeout_s=runner.device.timeout_s)
 
     def _stop(self) -> None:
@@ -237,3 +238,26 @@ def _exit_status(session) -> int | None:
     without one)."""
     session.status_event.wait(EXIT_WAIT_S)  # set by the exit status, or by the channel closing
     return session.exit_status if session.exit_status_ready() else None
+
+
+class _ChannelStdout(io.RawIOBase):
+    """A paramiko channel's stdout as a raw stream, so io's C buffering reads its lines.
+
+    paramiko's own ``makefile`` grows a line by concatenation, 8 KiB at a time: quadratic, so a 67 MB reply (a
+    window's full logits) took many minutes of CPU to read."""
+
+    def __init__(self, session):
+        self._session = session
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._session.recv(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _line_reader(session) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BufferedReader(_ChannelStdout(session), buffer_size=1 << 20), encoding="utf-8")
+
