@@ -173,9 +173,8 @@ class EvalModel:
 
     def drift_inputs(self, windows: torch.Tensor, topk_ids: torch.Tensor) -> tuple[int, list[dict]]:
         """(vocabulary, :func:`~edgeforge.verify.reference.drift_inputs` of each window [B, L] at the reference's
-        top-k ids [B, L-1, k]); a session on a device (:mod:`edgeforge.verify.remote`) computes them there."""
-        if hasattr(self.session, "drift_inputs"):
-            return self.session.drift_inputs(windows, topk_ids)
+        top-k ids [B, L-1, k]), from logits computed here (a device's model computes them there:
+        :class:`edgeforge.verify.remote.DeviceModel`)."""
         from edgeforge.verify.reference import drift_inputs
 
         logits = self.window_logits(windows)
@@ -183,9 +182,7 @@ class EvalModel:
                                   for row in range(windows.shape[0])]
 
     def close(self) -> None:
-        """Free what the session holds beyond this process (a device's worker); local sessions hold nothing."""
-        if hasattr(self.session, "close"):
-            self.session.close()
+        """Free what the model holds beyond this process (a device's worker); a local session holds nothing."""
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -207,10 +204,11 @@ def runtime_window_logits(session, windows: torch.Tensor) -> torch.Tensor:
         return torch.cat([session.forward(row[None], positions) for row in windows])
 
 
-def open_for_eval(path: str | Path, *, session=open_session) -> EvalModel:
+def open_for_eval(path: str | Path, *, session=open_session, model: type[EvalModel] = EvalModel) -> EvalModel:
     """Open an artifact, a quantized checkpoint or a plain checkpoint for evaluation (kind from its record).
 
-    session: makes the model's session from its :class:`ModelInfo` (default: loaded here, in its runtime)."""
+    session: makes the model's session from its :class:`ModelInfo` (default: loaded here, in its runtime);
+    model: the EvalModel class that holds it."""
     info = describe_model(path)
     if info.kind == "checkpoint":
         sha256 = info.checkpoint.content_hash()
@@ -218,4 +216,4 @@ def open_for_eval(path: str | Path, *, session=open_session) -> EvalModel:
     else:
         sha256 = content_sha256(info.path)
         lineage = (artifact_lineage if info.kind == "artifact" else quantized_lineage)(info.path, info.record)
-    return EvalModel(info=info, sha256=sha256, lineage=lineage, session=session(info))
+    return model(info=info, sha256=sha256, lineage=lineage, session=session(info))

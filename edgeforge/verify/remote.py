@@ -59,7 +59,7 @@ def device_window(session, tokens: list[int], topk_ids: dict, with_logits: bool)
 
 
 class DeviceSession:
-    """An artifact loaded by edgeforge's worker on a farm device, answering :meth:`EvalModel.drift_inputs`.
+    """An artifact loaded by edgeforge's worker on a farm device, answering :meth:`DeviceModel.drift_inputs`.
 
     record: the report's ``device`` section (:class:`edgeforge.verify.report.MeasuringDevice`);
     first_logits: the first window's logits [L, V] (float32) once a window has run.
@@ -112,9 +112,20 @@ class DeviceSession:
         self.prepared.__exit__(None, None, None)
 
 
-def open_on_device(path, device, *, say=lambda message: None) -> EvalModel:
+class DeviceModel(EvalModel):
+    """An artifact under evaluation whose windows run on a farm device (its session a :class:`DeviceSession`)."""
+
+    def drift_inputs(self, windows: torch.Tensor, topk_ids: torch.Tensor) -> tuple[int, list[dict]]:
+        return self.session.drift_inputs(windows, topk_ids)
+
+    def close(self) -> None:
+        """End the worker on the device."""
+        self.session.close()
+
+
+def open_on_device(path, device, *, say=lambda message: None) -> DeviceModel:
     """An artifact (described here, its hash and lineage read here) whose forward passes run on the farm
-    ``device``; :meth:`EvalModel.close` ends the worker there."""
+    ``device``; :meth:`DeviceModel.close` ends the worker there."""
     from edgeforge.models import architecture
 
     def session(info: ModelInfo) -> DeviceSession:
@@ -125,4 +136,4 @@ def open_on_device(path, device, *, say=lambda message: None) -> EvalModel:
             raise ConfigError(f"--device verifies decoders; this is a {info.architecture} model", path=info.path)
         return DeviceSession(device, info, say)
 
-    return open_for_eval(path, session=session)
+    return open_for_eval(path, session=session, model=DeviceModel)
