@@ -88,25 +88,29 @@ def quantizing_target(recipe: str, target: str) -> str:
                 and load_target(name).format == load_target(target).format)
 
 
-def run_row(model: Path, recipe: str, target: str, calib: Path, evaluation: Path, args) -> dict:
-    row = {"recipe": recipe, "target": target}
+def run_row(model: Path, recipe: str, target: str, calib: Path, evaluation: Path, args, *, label: str | None = None,
+            quantize_args: tuple = ()) -> dict:
+    """Quantize (for the target's numerics), export, verify: one row. ``label`` names the row's files (default:
+    the recipe); ``quantize_args`` go to `edgeforge quantize` (e.g. a planner budget)."""
+    label = label or recipe
+    row = {"recipe": label, "target": target}
     numerics_target = quantizing_target(recipe, target)
-    quantized = WORK / f"{recipe}.{numerics_target}.q"
-    artifact, verify_json = WORK / f"{recipe}.{target}.artifact", WORK / f"{recipe}.{target}.verify.json"
+    quantized = WORK / f"{label}.{numerics_target}.q"
+    artifact, verify_json = WORK / f"{label}.{target}.artifact", WORK / f"{label}.{target}.verify.json"
     row["quantized"] = quantized.name
     if not quantized.exists():
         from edgeforge.quantize import load_recipe
 
-        calibration = ("--calib", calib) if load_recipe(recipe).needs_calibration else ()  # RTN: data-free
+        calibration = ("--calib", calib) if load_recipe(recipe).needs_calibration or quantize_args else ()
         ok, seconds, last = edgeforge("quantize", model, "--recipe", recipe, "--target", numerics_target,
-                                      *calibration, "-o", quantized,
-                                      log=WORK / f"{recipe}.{numerics_target}.quantize.log")
+                                      *calibration, *quantize_args, "-o", quantized,
+                                      log=WORK / f"{label}.{numerics_target}.quantize.log")
         row["quantize_seconds"] = round(seconds, 1)
         if not ok:
             return {**row, "failed": "quantize", "error": last}
     if not artifact.exists():
         ok, seconds, last = edgeforge("export", quantized, "--target", target, "--max-seq-len", args.max_seq_len,
-                                      "-o", artifact, log=WORK / f"{recipe}.{target}.export.log")
+                                      "-o", artifact, log=WORK / f"{label}.{target}.export.log")
         if not ok:
             return {**row, "failed": "export", "error": last}
     manifest = json.loads((artifact / "edgeforge.json").read_text())
@@ -117,7 +121,7 @@ def run_row(model: Path, recipe: str, target: str, calib: Path, evaluation: Path
     if not verify_json.exists():
         ok, seconds, last = edgeforge("verify", artifact, "--reference", model, "--data", evaluation,
                                       "--seq-len", args.seq_len, "--windows", args.windows, "--json", verify_json,
-                                      log=WORK / f"{recipe}.{target}.verify.log")
+                                      log=WORK / f"{label}.{target}.verify.log")
         if not verify_json.exists():
             return {**row, "failed": "verify", "error": last}
     record = json.loads(verify_json.read_text())
@@ -146,16 +150,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_row_options(parser: argparse.ArgumentParser) -> None:
+    """The model and the settings :func:`run_row` reads: the split, the verify windows, the exported cache."""
     parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="fp32 HF Llama directory")
-    parser.add_argument("--recipes", help="comma-separated (default: every decoder recipe)")
-    parser.add_argument("--targets", help="comma-separated (default: every target that runs here); the XNNPACK "
-                        "targets for iOS and arm64 Linux lower to the same program as android-arm64-xnnpack")
     parser.add_argument("--calib-fraction", type=float, default=0.4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=512)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", help="comma-separated (default: every decoder recipe)")
+    parser.add_argument("--targets", help="comma-separated (default: every target that runs here); the XNNPACK "
+                        "targets for iOS and arm64 Linux lower to the same program as android-arm64-xnnpack")
+    add_row_options(parser)
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not (args.model / "config.json").exists():

@@ -202,6 +202,12 @@ def test_matmulnbits_initializers_are_the_checkpoint_integers_bit_for_bit(scheme
         qweight, scale = stored[f"{name}.qweight"].numpy(), stored[f"{name}.scale"].numpy()
         out_features, in_features = scale.shape[0], attributes["K"]
         group = layer["scheme"]["group_size"]
+        weight_scheme = WeightScheme.from_dict(layer["scheme"])  # the bits per weight verify reports for ONNX
+        storage = ActivationNumerics.MLAS_INT8_BLOCK.weight_storage(weight_scheme, in_features,
+                                                                     ActivationScheme.from_name(layer["activations"]))
+        file_bytes = packed.nbytes + scales.nbytes + sum(numpy_helper.to_array(tensors[i])[rows].nbytes
+                                                         for i in node.input[3:4])
+        assert file_bytes == weight_scheme.stored_bytes(out_features, in_features, storage), name
         assert attributes["bits"] == layer["scheme"]["bits"] and len(packed) == out_features
         assert attributes["accuracy_level"] == (4 if layer["activations"] == "dynamic_int8" else 0)
         if group is not None:  # int4 g32: MatMulNBits' B is the checkpoint's packed bytes, unchanged

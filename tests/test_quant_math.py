@@ -84,6 +84,23 @@ def test_stored_bytes_is_what_the_checkpoint_stores_for_a_layer(scheme):
     assert scheme.stored_bytes(24, 64) == sum(t.numel() * t.element_size() for t in stored.values()), stored.keys()
 
 
+def test_bits_per_weight_count_what_each_runtime_stores():
+    """XNNPACK holds group-wise scales in bf16; MatMulNBits float32 scales, 4-bit packed zero points, and
+    per-channel rows in blocks with the scale repeated (int8 activations: blocks of 32)."""
+    dynamic, none = ActivationScheme.DYNAMIC_INT8, ActivationScheme.NONE
+    xnnpack, mlas = ActivationNumerics.XNNPACK, ActivationNumerics.MLAS_INT8_BLOCK
+
+    def bits(scheme, numerics, activations, width=576):
+        return 8 * scheme.stored_bytes(64, width, numerics.weight_storage(scheme, width, activations)) / (64 * width)
+
+    assert bits(WeightScheme(4, 32), xnnpack, dynamic) == 4.5 and bits(WeightScheme(4, 32), mlas, dynamic) == 5.0
+    assert bits(WeightScheme(4, 128, symmetric=False), mlas, none, width=512) == 4 + 32 / 128 + 4 / 128
+    assert bits(WeightScheme(4, 64, symmetric=False), mlas, none, width=576) == 4 + 32 / 64 + 40 / 576  # 9 zp, 5 B
+    assert bits(WeightScheme(8), xnnpack, dynamic) == 8 + 32 / 576 and bits(WeightScheme(8), mlas, dynamic) == 9.0
+    assert bits(WeightScheme(8), mlas, none) == 8.5 and bits(WeightScheme(8), mlas, none, width=1536) == 8.125
+    assert bits(WeightScheme(8), mlas, ActivationScheme.STATIC_INT8) == 8 + 32 / 576  # Q/DQ: one scale per row
+
+
 @pytest.mark.parametrize("fields", [{"bits": 3}, {"bits": 4, "group_size": 0}, {"bits": 8, "group_size": 32.0},
                                     {"bits": 4, "symmetric": "yes"}, {"bits": 4, "granularity": "row"}, {}])
 def test_weight_scheme_rejects_bad_fields(fields):
@@ -280,6 +297,27 @@ def test_gptq_dynamic_groups_and_clipping_beat_rtn(gptq_layer):
         rtn_error = output_error(inputs, weight, fake_quantize_weight(weight, INT4_G32, clip_ratio=ratios))
         assert gptq_error < 0.9 * rtn_error, (
             f"static_groups={static_groups}: GPTQ {gptq_error:.5f} vs RTN {rtn_error:.5f}")
+
+
+def test_fp32_alignment_gives_the_least_squares_weight_for_the_quantized_inputs():
+    """W + W M maps the inputs x onto the fp32 model's W x_fp as well as any float weight can (undamped: the
+    least-squares solution); with x = x_fp there is nothing to correct."""
+    from edgeforge.quantize.gptq import DriftAccumulator, fp32_alignment
+
+    generator = torch.Generator().manual_seed(0)
+    fp32_inputs = torch.randn(4096, 24, generator=generator)
+    inputs = fp32_inputs + 0.1 * torch.randn(4096, 24, generator=generator)  # upstream rounding's error
+    weight = torch.randn(16, 24, generator=generator)
+    hessian, drift = HessianAccumulator(24), DriftAccumulator(24)
+    hessian.add(inputs)
+    drift.add(inputs, fp32_inputs)
+    target = weight + weight @ fp32_alignment(hessian.hessian(), drift.drift(), damp=0.0)
+    best = torch.linalg.lstsq(inputs.double(), (fp32_inputs @ weight.T).double()).solution.T.float()
+    assert torch.allclose(target, best, atol=1e-4), (target - best).abs().max()
+    assert (inputs @ target.T - fp32_inputs @ weight.T).norm() < (inputs @ weight.T - fp32_inputs @ weight.T).norm()
+    same = DriftAccumulator(24)
+    same.add(inputs, inputs)
+    assert fp32_alignment(hessian.hessian(), same.drift(), damp=0.01).abs().max() == 0
 
 
 def test_gptq_is_deterministic(gptq_layer):

@@ -29,6 +29,7 @@ from edgeforge.export.targets import Target, list_targets, load_target, supporti
 from edgeforge.fileio import atomic_directory, write_json_atomic
 from edgeforge.models.architecture import DECODER, ENCODER, family_choice
 from edgeforge.quantize.modules import set_activation_numerics
+from edgeforge.quantize.scheme import ActivationScheme
 from edgeforge.records import decode
 
 __all__ = ["Artifact", "ArtifactRecord", "ExportSource", "Target", "export", "list_targets", "load_target", "open_artifact",
@@ -86,7 +87,7 @@ def export(source_path: str | Path, target: str | Target, output_dir: str | Path
                                                tolerance=tolerance)}, "export guard")
             guard = check()
         phase("size", "against what the scheme implies")
-        sizes = _size_report(tmp / record.report.model_file, source)
+        sizes = _size_report(tmp / record.report.model_file, source, target)
         phase.stop()
         report = dataclasses.replace(record.report, **sizes, export_seconds=round(time.perf_counter() - start, 3),
                                      phase_seconds=phase.seconds,
@@ -133,14 +134,14 @@ def _record(source: ExportSource, target: Target, report: ExportReport, max_seq_
         scheme=source.scheme, max_seq_len=max_seq_len,
         source=ArtifactSource(str(source.path), source.sha256, quantized.recipe.name if quantized else None,
                               quantized.calibration if quantized else None,
-                              quantized.block_bits_per_weight() if quantized else None),
+                              quantized.block_bits_per_weight(target.activation_numerics) if quantized else None),
         tokenizer_files=[f.name for f in source.tokenizer_files],
         tokenizer=tokenizer_policy(source.tokenizer),  # runners prepend BOS only where adds_bos
         report=report, versions={"edgeforge": __version__, "torch": torch.__version__, **report.versions},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def _size_report(model_file: Path, source: ExportSource) -> dict:
+def _size_report(model_file: Path, source: ExportSource, target: Target) -> dict:
     """Artifact size against what the scheme implies (quantized layers at their bit width + scales)."""
     size = sum(f.stat().st_size for f in model_file.parent.iterdir() if f.is_file() and f.suffix in
                {".pte", ".onnx", ".data", ".bin"}) if model_file.suffix == ".onnx" else model_file.stat().st_size
@@ -154,7 +155,10 @@ def _size_report(model_file: Path, source: ExportSource) -> dict:
     for name, tensor in state.items():
         layer, _, buffer = name.rpartition(".")
         if buffer == "qdata":
-            expected += source.quantized.layers[layer].weight_scheme.stored_bytes(*tensor.shape)
+            quantized = source.quantized.layers[layer]
+            scheme, activations = quantized.weight_scheme, ActivationScheme.from_name(quantized.activations)
+            storage = target.activation_numerics.weight_storage(scheme, tensor.shape[1], activations)
+            expected += scheme.stored_bytes(*tensor.shape, storage)
         elif buffer in ("scale", "zero_point") and f"{layer}.qdata" in state:
             continue  # the weight's own qparams are in its stored_bytes
         elif name.endswith(("scale", "zero_point")):  # activation qparams

@@ -29,6 +29,9 @@ from enum import Enum
 import torch
 
 from edgeforge.quantize.scheme import (
+    ActivationScheme,
+    WeightScheme,
+    WeightStorage,
     dequantize_values,
     member_named,
     qparams_from_range,
@@ -49,6 +52,26 @@ class ActivationNumerics(str, Enum):
     @classmethod
     def from_name(cls, name: str) -> ActivationNumerics:
         return member_named(cls, "activation numerics", name)
+
+    @property
+    def group_scale_dtype(self) -> torch.dtype:
+        """The dtype this runtime holds group-wise weight scales in: ExecuTorch's XNNPACK serializer narrows
+        them to bf16 (round to nearest even; per-channel scales stay float32), MatMulNBits keeps float32."""
+        return torch.bfloat16 if self is ActivationNumerics.XNNPACK else torch.float32
+
+    def weight_storage(self, scheme: WeightScheme, in_features: int, activations: ActivationScheme) -> WeightStorage:
+        """How this runtime's artifact holds a ``scheme`` weight ``in_features`` wide whose inputs are
+        ``activations``: ExecuTorch's XNNPACK as the scheme says with bf16 group-wise scales; MatMulNBits with
+        float32 scales, zero points packed at the weight's bit width, per-channel weights in blocks of
+        :func:`matmul_nbits_block`; static int8 layers (Q/DQ) as the checkpoint does."""
+        grouped = scheme.group_size is not None and scheme.group_size < in_features
+        if self is ActivationNumerics.XNNPACK:
+            return WeightStorage(self.group_scale_dtype if grouped else torch.float32)
+        if activations is ActivationScheme.STATIC_INT8:
+            return WeightStorage()
+        block = None if grouped else matmul_nbits_block(in_features, scheme,
+                                                          dynamic=activations is ActivationScheme.DYNAMIC_INT8)
+        return WeightStorage(zero_point_bits=scheme.bits, block_size=block)
 
 
 # Without a target, quantized models compute what the most common one runs: ExecuTorch's XNNPACK.
@@ -78,6 +101,17 @@ def mlas_activation_block(in_features: int, group_size: int | None) -> int:
     if group_size is not None and group_size < in_features:
         return group_size
     return MLAS_PER_CHANNEL_BLOCK if in_features >= MLAS_PER_CHANNEL_BLOCK else MLAS_BLOCK_SIZES[0]
+
+
+def matmul_nbits_block(in_features: int, scheme: WeightScheme, *, dynamic: bool) -> int:
+    """MatMulNBits' block_size for a per-channel weight (any block holds it: the row scale is repeated in each):
+    with int8 activations (``dynamic``, accuracy_level 4) :func:`mlas_activation_block`, the span over which
+    onnxruntime also quantizes the activations; with float ones the size the CPU kernel takes that stores the
+    row in the fewest bytes, padding and repeated scales included, the larger on a tie."""
+    if dynamic:
+        return mlas_activation_block(in_features, None)
+    return min(MLAS_BLOCK_SIZES, key=lambda size: (
+        scheme.stored_bytes(1, in_features, WeightStorage(zero_point_bits=scheme.bits, block_size=size)), -size))
 
 
 def quantize_activations_mlas(x: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from edgeforge.quantize.awq import awq_search_scales
-from edgeforge.quantize.gptq import InverseHessian, gptq_quantize, prepare_hessian
+from edgeforge.quantize.gptq import InverseHessian, fp32_alignment, gptq_quantize, prepare_hessian
 from edgeforge.quantize.rtn import mse_clip_search, rtn_quantize
 from edgeforge.quantize.scale_search import ScaleSettings, importance_qparams
 from edgeforge.quantize.scheme import QuantizedWeight, WeightScheme, quantize
@@ -41,10 +41,12 @@ RuntimeInputs = Callable[[torch.Tensor], torch.Tensor] | None  # how the runtime
 @dataclass(frozen=True)
 class Observation:
     """What an algorithm needs from calibration: hessian, the mean of x xᵀ at each group's input; scales, the
-    fp32 block's inputs to choose per-channel scales from (its ``fold`` hook runs)."""
+    fp32 block's inputs to choose per-channel scales from (its ``fold`` hook runs); drift, the mean of
+    (x_fp − x) xᵀ, x_fp the fp32 model's input at the same positions."""
 
     hessian: bool = False
     scales: bool = False
+    drift: bool = False
 
 
 @dataclass
@@ -52,7 +54,15 @@ class GroupStatistics:
     """What calibration measured at one group's input; the inverse Hessian is prepared once per group."""
 
     hessian: torch.Tensor | None = None
+    drift: torch.Tensor | None = None
     _inverses: dict = field(default_factory=dict)
+
+    def fp32_alignment(self, *, damp: float) -> torch.Tensor:
+        """:func:`~edgeforge.quantize.gptq.fp32_alignment` of this group, computed once."""
+        key = ("alignment", damp)
+        if key not in self._inverses:
+            self._inverses[key] = fp32_alignment(self.hessian, self.drift, damp=damp)
+        return self._inverses[key]
 
     def inverse_hessian(self, *, damp: float, act_order: bool) -> InverseHessian:
         """GPTQ's damped, ordered inverse (the O(in³) part), shared by every linear and row chunk of the group."""
@@ -68,6 +78,7 @@ class Algorithm:
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
     observation: ClassVar[Observation] = Observation()
+    scales = ScaleSettings()  # where group scales come from (a recipe's [scales]); dataclass subclasses set it
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Algorithm:
@@ -84,8 +95,9 @@ class Algorithm:
         return None
 
     def round(self, rows: torch.Tensor, scheme: WeightScheme, stats: GroupStatistics) -> QuantizedWeight:
-        """Quantize ``rows`` [chunk, in] (float32) of one linear; rows are independent of each other."""
-        return rtn_quantize(rows, scheme)
+        """Quantize ``rows`` [chunk, in] (float32) of one linear; rows are independent of each other. Here:
+        to nearest, on min-max or ``scales``-searched grids."""
+        return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=None)
 
 
 @dataclass(frozen=True)
@@ -98,9 +110,6 @@ class Rtn(Algorithm):
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Rtn:
         return cls(scales=recipe.scales)
-
-    def round(self, rows, scheme, stats):
-        return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=None)
 
 
 @dataclass(frozen=True)
@@ -156,26 +165,33 @@ def rounded_to_nearest(rows: torch.Tensor, scheme: WeightScheme, stats: GroupSta
 
 @dataclass(frozen=True)
 class Gptq(Algorithm):
-    """GPTQ rounding against the group's Hessian, from MSE-clipped int4 ranges or importance-searched scales."""
+    """GPTQ rounding against the group's Hessian, from MSE-clipped int4 ranges or importance-searched scales;
+    with ``fp32_alignment`` α > 0 towards W + α W M (:func:`~edgeforge.quantize.gptq.fp32_alignment`), the
+    weight that also corrects the error upstream layers left in its input (α = 1: all of it)."""
 
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
-    observation: ClassVar[Observation] = Observation(hessian=True)
     grid: int = 20
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    fp32_alignment: float = 0.0
     scales: ScaleSettings = ScaleSettings()
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Gptq:
         settings = recipe.gptq
         return cls(grid=recipe.mse.grid, damp=settings.damp, block_size=settings.block_size,
-                   act_order=settings.act_order, scales=recipe.scales)
+                   act_order=settings.act_order, fp32_alignment=settings.fp32_alignment, scales=recipe.scales)
+
+    def observe(self) -> Observation:
+        return Observation(hessian=True, drift=self.fp32_alignment > 0)
 
     def round(self, rows, scheme, stats):
         if stats.hessian is None:
             return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=self.grid)
+        if stats.drift is not None and self.fp32_alignment > 0:
+            rows = rows + self.fp32_alignment * (rows @ stats.fp32_alignment(damp=self.damp))
         inverse = stats.inverse_hessian(damp=self.damp, act_order=self.act_order)
         if self.scales.importance:  # static groups: the searched qparams of the weight before any update
             groups = {"qparams": searched_qparams(rows, scheme, stats, self.scales)}
@@ -222,9 +238,6 @@ class SmoothQuant(Algorithm):
     def from_recipe(cls, recipe: Recipe) -> SmoothQuant:
         return cls(alpha=recipe.smoothquant.alpha, scales=recipe.scales)
 
-    def round(self, rows, scheme, stats):
-        return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=None)
-
     def fold(self, weights, rows, scheme, runtime_inputs, *, head):
         return None if head else smoothquant_scales(rows.abs().amax(dim=0), weights, alpha=self.alpha)
 
@@ -247,7 +260,8 @@ class Composed(Algorithm):
 
     def observe(self) -> Observation:
         folding, rounding = self.folding.observe(), self.rounding.observe()
-        return Observation(hessian=folding.hessian or rounding.hessian, scales=folding.scales or rounding.scales)
+        return Observation(hessian=folding.hessian or rounding.hessian, scales=folding.scales or rounding.scales,
+                           drift=folding.drift or rounding.drift)
 
     def fold(self, weights, rows, scheme, runtime_inputs, *, head):
         return self.folding.fold(weights, rows, scheme, runtime_inputs, head=head)

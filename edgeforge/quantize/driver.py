@@ -15,6 +15,10 @@ feeds each layer. With dynamic int8 activations AWQ's search and the sensitivity
 own input as the runtime does; GPTQ's Hessian does not (its linear error model cannot see that rounding,
 and on stories260K int4-gptq a Hessian of the rounded inputs gave KLD 0.0770 against 0.0750).
 
+Where the algorithm measures the drift (GPTQ with ``fp32_alignment``), the fp32 model's hidden states walk
+beside the quantized ones: each block first runs in fp32 on them (before anything in it is folded or rounded),
+which gives every group's fp32 input at the same positions and the next block's fp32 hidden states.
+
 This is our own driver rather than torchao's GPTQ/AWQ flows: those are prototypes that expect the
 whole model in memory and hook every linear at once, which is what streaming must avoid.
 """
@@ -47,7 +51,7 @@ from edgeforge.quantize.algorithms import GroupStatistics, Rtn
 from edgeforge.quantize.calibration import CalibrationSet
 from edgeforge.quantize.checkpoint import ShardWriter, layer_tensors, save_quantized
 from edgeforge.quantize.fold import fold_group_scales
-from edgeforge.quantize.gptq import HessianAccumulator
+from edgeforge.quantize.gptq import DriftAccumulator, HessianAccumulator
 from edgeforge.quantize.metrics import energy_sqnr_db
 from edgeforge.quantize.modules import QuantizedLinear, runtime_weight_scale, set_module
 from edgeforge.quantize.recipe import Recipe
@@ -170,12 +174,13 @@ class _BlockQuantizer:
         self._quantize_embedding()
         with torch.no_grad():
             hidden = [self.walk.embed(batch) for batch in self.batches]
+        reference = list(hidden) if self.algorithm.observe().drift else None  # the fp32 model's hidden states
         self.out.update({name: tensor.detach().float().clone() for name, tensor in self.walk.prologue().items()})
         total = self.checkpoint.config.n_layers
         for index, block in enumerate(self.walk.blocks()):
             started = time.perf_counter()
             with torch.no_grad():
-                hidden = self._quantize_block(block, hidden)
+                hidden, reference = self._quantize_block(block, hidden, reference)
             shorts = [short for group in block.groups for short in group.linears]
             errors = [f"{label} {_error_text(self.stats.get(block.prefix + short))}"
                       for short, label in zip(shorts, _labels(shorts))]
@@ -197,8 +202,16 @@ class _BlockQuantizer:
         stats = self._layer_stats(name, plan.scheme, embedding, weight, None)
         self.stats[name] = {**stats, "activations": "none", "algorithm": Rtn.name}
 
-    def _quantize_block(self, block: Block, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        multipliers = self._fold_scales(block, hidden) if self.algorithm.observe().scales and hidden else {}
+    def _quantize_block(self, block: Block, hidden: list[torch.Tensor],
+                        reference: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Quantize ``block`` on the calibration hidden states; returns its outputs and, with ``reference`` (the
+        fp32 model's hidden states), the fp32 block's."""
+        fp32_inputs, reference = self._fp32_pass(block, reference) if reference is not None else (None, None)
+        folds = self.algorithm.observe().scales and hidden
+        multipliers, scales = self._fold_scales(block, hidden) if folds else ({}, {})
+        if fp32_inputs is not None:  # a folded group reads x / s
+            for stage, stage_scales in scales.items():
+                fp32_inputs[stage] = [x / stage_scales for x in fp32_inputs[stage]]
         memos = [{} for _ in hidden]  # per batch, from the first group's input to the block's output
         for stage, group in enumerate(block.groups):
             multiplier = multipliers.get(stage)
@@ -208,20 +221,36 @@ class _BlockQuantizer:
                     x = block.group_input(stage, x, memo)
                     yield x if multiplier is None else x * multiplier
 
-            self._quantize_group(block, group.linears, inputs, multiplier)
+            self._quantize_group(block, group.linears, inputs, multiplier,
+                                 fp32_inputs[stage] if fp32_inputs is not None else None)
         rounded = {short for group in block.groups for short in group.linears
                    if self.plans[block.prefix + short].scheme is not None}
         for name, tensor in block.module.state_dict().items():  # norms, biases, kept linears
             owner, _, suffix = name.rpartition(".")
             if owner not in rounded or suffix == "bias":
                 self.out[block.prefix + name] = tensor.detach().float().clone()
-        return [block.forward(x, memo) for x, memo in zip(hidden, memos)] if block.forward is not None else []
+        outputs = [block.forward(x, memo) for x, memo in zip(hidden, memos)] if block.forward is not None else []
+        return outputs, reference
 
-    def _fold_scales(self, block: Block, hidden: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """AWQ / SmoothQuant: choose per-channel scales on the fp32 block and fold them in exactly; returns the
-        input multipliers of the groups whose producer cannot absorb them (by stage)."""
+    @staticmethod
+    def _fp32_pass(block: Block, reference: list[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """The fp32 block, before anything in it is folded or rounded, on the fp32 model's hidden states: each
+        group's input per batch (by stage) and the block's outputs."""
+        inputs, outputs = [[] for _ in block.groups], []
+        for x in reference:
+            memo = {}
+            for stage, stage_inputs in enumerate(inputs):
+                stage_inputs.append(block.group_input(stage, x, memo))
+            if block.forward is not None:
+                outputs.append(block.forward(x, memo))
+        return inputs, outputs
+
+    def _fold_scales(self, block: Block,
+                     hidden: list[torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """AWQ / SmoothQuant: choose per-channel scales on the fp32 block and fold them in exactly; returns, by
+        stage, the input multipliers of the groups whose producer cannot absorb them and every folded scale."""
         probes = [_probe_rows(block.group_input(stage, x, {}) for x in hidden) for stage in range(len(block.groups))]
-        multipliers = {}
+        multipliers, folded = {}, {}
         for stage, (group, rows) in enumerate(zip(block.groups, probes)):
             schemes = [self.plans[block.prefix + short].scheme for short in group.linears]
             if group.absorb is Absorb.NONE or any(s is None for s in schemes):
@@ -235,9 +264,10 @@ class _BlockQuantizer:
             new_weights, multiplier = fold_group_scales(block.module, group, weights, scales)
             for module, weight in zip(modules, new_weights):
                 module.weight = torch.nn.Parameter(weight, requires_grad=False)
+            folded[stage] = scales
             if multiplier is not None:
                 multipliers[stage] = multiplier
-        return multipliers
+        return multipliers, folded
 
     def _runtime_inputs(self, scheme: WeightScheme) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """How the runtime rounds the input of a linear with ``scheme`` (None: it does not)."""
@@ -247,27 +277,33 @@ class _BlockQuantizer:
         return lambda x: quantize_activations_dynamic(x, self.numerics, group_size=group_size)
 
     def _quantize_group(self, block: Block, linears: tuple[str, ...], inputs: Callable,
-                        multiplier: torch.Tensor | None) -> None:
-        """Quantize linears sharing one input; each is then replaced by its QuantizedLinear, which computes as
-        the runtime does for the groups and blocks after it."""
+                        multiplier: torch.Tensor | None, fp32_inputs: list[torch.Tensor] | None) -> None:
+        """Quantize linears sharing one input (``fp32_inputs``: the fp32 model's, per batch, where the algorithm
+        measures the drift); each is then replaced by its QuantizedLinear, which computes as the runtime does for
+        the groups and blocks after it."""
         active = [short for short in linears if self.plans[block.prefix + short].scheme is not None]
         if not active:
             return
         width = block.module.get_submodule(active[0]).in_features
         needs_hessian = self.algorithm.observe().hessian and self.batches
         hessian = HessianAccumulator(width) if needs_hessian else None
+        drift = DriftAccumulator(width) if needs_hessian and fp32_inputs is not None else None
         low, high, probe = torch.tensor(float("inf")), torch.tensor(float("-inf")), []
-        for x in inputs():
+        for batch, x in enumerate(inputs()):
             if hessian is not None:
                 hessian.add(x)
+            if drift is not None:
+                drift.add(x, fp32_inputs[batch])
             low, high = torch.minimum(low, x.min()), torch.maximum(high, x.max())
             if sum(p.shape[0] for p in probe) < PROBE_ROWS:
                 probe.append(x.reshape(-1, width))
         probe = torch.cat(probe)[:PROBE_ROWS] if probe else None
+        fp32_probe = _probe_rows(fp32_inputs) if fp32_inputs is not None and probe is not None else None
         input_qparams = static_activation_qparams(low, high) \
             if self.activations is ActivationScheme.STATIC_INT8 else None
-        statistics = GroupStatistics(hessian.hessian() if hessian is not None else None)
-        del hessian  # its running sum is as large as the Hessian
+        statistics = GroupStatistics(hessian.hessian() if hessian is not None else None,
+                                     drift.drift() if drift is not None else None)
+        del hessian, drift  # their running sums are as large as the Hessian
         for short in active:
             name, linear = block.prefix + short, block.module.get_submodule(short)
             scheme = self.plans[name].scheme
@@ -277,15 +313,17 @@ class _BlockQuantizer:
             quantized = _concat([self.algorithm.round(rows.float(), scheme, statistics)
                                  for rows in weight.split(ROW_CHUNK)])
             self.out.update(layer_tensors(name, quantized, scheme, input_qparams, input_multiplier=multiplier))
-            self.stats[name] = self._layer_stats(name, scheme, weight, quantized, probe)
+            self.stats[name] = self._layer_stats(name, scheme, weight, quantized, probe, fp32_probe)
             bias = None if linear.bias is None else linear.bias.detach()
             set_module(block.module, short, QuantizedLinear(quantized, scheme, self.activations, input_qparams,
                                                             bias=bias, input_multiplier=multiplier,
                                                             numerics=self.numerics))
 
-    def _layer_stats(self, name, scheme, weight, quantized: QuantizedWeight, probe) -> dict:
+    def _layer_stats(self, name, scheme, weight, quantized: QuantizedWeight, probe, fp32_probe=None) -> dict:
         """Sensitivity of one layer: weight SQNR, and on calibration inputs the output error against fp32 next
-        to plain RTN's. Accumulated over row chunks (the output head has 128k rows)."""
+        to plain RTN's: against the fp32 layer on the same inputs, or with ``fp32_probe`` (the fp32 model's inputs
+        at the probe's positions) against the fp32 model's output. Accumulated over row chunks (the output head
+        has 128k rows)."""
         x_q = None
         if probe is not None:
             runtime_inputs = self._runtime_inputs(scheme)
@@ -300,7 +338,7 @@ class _BlockQuantizer:
             sums["weight"] += original.pow(2).sum().item()
             sums["weight_error"] += (original - dequantized).pow(2).sum().item()
             if x_q is not None:
-                reference = probe @ original.T
+                reference = (probe if fp32_probe is None else fp32_probe) @ original.T
                 sums["output"] += reference.pow(2).sum().item()
                 sums["output_error"] += (reference - x_q @ dequantized.T).pow(2).sum().item()
                 rtn_qdata, rtn_scale, rtn_zero = rtn_quantize(original, scheme)

@@ -65,6 +65,38 @@ class HessianAccumulator:
         return self._sum / self.sample_count
 
 
+class DriftAccumulator:
+    """Running mean of (x_fp − x) xᵀ over one linear's inputs x in the partly quantized model and x_fp, the same
+    positions' inputs in the fp32 model: how far upstream quantization moved the input, as the layer sees it."""
+
+    def __init__(self, in_features: int):
+        self.sample_count = 0
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32)
+
+    def add(self, inputs: torch.Tensor, fp32_inputs: torch.Tensor) -> None:
+        rows = inputs.reshape(-1, inputs.shape[-1]).float()
+        drift = fp32_inputs.reshape(rows.shape).float() - rows
+        self._sum.addmm_(drift.T, rows)
+        self.sample_count += rows.shape[0]
+
+    def drift(self) -> torch.Tensor:
+        """Mean of (x_fp − x) xᵀ, float32 [in, in]."""
+        return self._sum / self.sample_count
+
+
+def fp32_alignment(hessian: torch.Tensor, drift: torch.Tensor, *, damp: float) -> torch.Tensor:
+    """M [in, in] such that W + W M is the float weight whose outputs on the quantized model's inputs x come
+    closest to the fp32 model's W x_fp (least squares: W E[x_fp xᵀ] H⁻¹ = W (I + D H⁻¹), D = E[(x_fp − x) xᵀ]),
+    with H damped as GPTQ damps it. GPTQ rounding that weight against H then minimises ‖W X_fp − Ŵ X‖ rather
+    than ‖W X − Ŵ X‖: it also undoes what the layers before it got wrong (the "asymmetric calibration" of
+    GPTQv2, Li et al. 2025, arXiv:2504.02692, here in its closed form)."""
+    hessian = hessian.double().clone()
+    diagonal = hessian.diagonal()
+    diagonal[diagonal == 0] = 1.0
+    diagonal.add_(damp * diagonal.mean())
+    return torch.linalg.solve(hessian, drift.double().T).T.float()
+
+
 class InverseHessian(NamedTuple):
     """What GPTQ needs from a Hessian, prepared once and shared by every linear (and row chunk) reading
     the same input: the upper Cholesky factor of the damped, act-ordered H⁻¹ and that column order."""

@@ -70,11 +70,10 @@ class QuantizedLinear(nn.Module):
 
 
 def runtime_weight_scale(scale: torch.Tensor, numerics: ActivationNumerics) -> torch.Tensor:
-    """The float32 weight scales [out, groups] the runtime computes with: XNNPACK's blockwise kernels hold
-    group-wise scales in bf16 (ExecuTorch's serializer narrows them, round to nearest even), per-channel ones
-    in float32; MLAS keeps float32."""
-    if numerics is ActivationNumerics.XNNPACK and scale.shape[1] > 1:
-        return scale.bfloat16().float()
+    """The float32 weight scales [out, groups] the runtime computes with: group-wise ones as ``numerics``
+    holds them (XNNPACK: bf16), per-channel ones float32."""
+    if scale.shape[1] > 1:
+        return scale.to(numerics.group_scale_dtype).float()
     return scale
 
 

@@ -125,7 +125,7 @@ class Planner:
         # a group as wide as the layer is its per-channel option
         self.choices = {name: sorted((o for o in self.options
                                       if not o.group_size or (width % o.group_size == 0 and o.group_size < width)),
-                                     key=lambda o: o.stored_bytes(out, width))
+                                     key=lambda o, shape=(out, width): self.stored_bytes(o, shape))
                         for name, (out, width) in self.shapes.items()}
         smallest = self.bits({name: options[0] for name, options in self.choices.items()})
         if request.budget_bits is not None and request.budget_bits < smallest:
@@ -134,9 +134,15 @@ class Planner:
                               f"per weight ({', '.join(f'{k} on {n}' for k, n in used.most_common())} block "
                               f"linears)")
 
+    def stored_bytes(self, scheme: WeightScheme, shape: tuple[int, int]) -> int:
+        """Bytes the target's artifact stores for a ``scheme`` weight of ``shape``."""
+        storage = self.target.activation_numerics.weight_storage(scheme, shape[1], self.recipe.activations)
+        return scheme.stored_bytes(*shape, storage)
+
     def bits(self, schemes: dict[str, WeightScheme]) -> float:
         """Stored bits per weight of the block linears under ``schemes``."""
-        return bits_per_weight({name: (self.shapes[name], scheme) for name, scheme in schemes.items()})
+        return bits_per_weight({name: (self.shapes[name], scheme, self.recipe.activations)
+                                for name, scheme in schemes.items()}, self.target.activation_numerics)
 
     def quantize(self, calibration: CalibrationSet | None, output_dir: str | Path, *, numerics: ActivationNumerics,
                  progress: Callable[[str], None] | None = None) -> QuantizeResult:
@@ -338,8 +344,9 @@ class Knapsack:
     def __init__(self, planner: Planner, sensitivity: Sensitivity):
         self.planner, self.offset = planner, sensitivity.offset
         self.names = list(planner.choices)
-        base = {n: planner.choices[n][0].stored_bytes(*planner.shapes[n]) for n in self.names}
-        extra = {n: [o.stored_bytes(*planner.shapes[n]) - base[n] for o in planner.choices[n]] for n in self.names}
+        base = {n: planner.stored_bytes(planner.choices[n][0], planner.shapes[n]) for n in self.names}
+        extra = {n: [planner.stored_bytes(o, planner.shapes[n]) - base[n] for o in planner.choices[n]]
+                 for n in self.names}
         self.kld = {n: [sensitivity.layer_kld(n, o) for o in planner.choices[n]] for n in self.names}
         self.weights = sum(out * width for out, width in planner.shapes.values())
         self.base_bytes = sum(base.values())

@@ -55,11 +55,18 @@ class CalibrationSettings:
 @dataclass(frozen=True)
 class GptqSettings:
     """damp: fraction of the mean Hessian diagonal added to it; block_size: columns per lazy batch;
-    act_order: quantize columns in order of decreasing Hessian diagonal."""
+    act_order: quantize columns in order of decreasing Hessian diagonal; fp32_alignment: in [0, 1], how much
+    of the error upstream layers left in each input the rounding also corrects (0: plain GPTQ)."""
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    fp32_alignment: float = 0.0
+
+    def __post_init__(self):
+        if type(self.fp32_alignment) not in (int, float) or not 0 <= self.fp32_alignment <= 1:
+            raise ConfigError(f"recipe key 'gptq.fp32_alignment' must be a number in [0, 1], "
+                              f"got {self.fp32_alignment!r}")
 
 
 @dataclass(frozen=True)

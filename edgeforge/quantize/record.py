@@ -11,7 +11,7 @@ from edgeforge.checkpoints.tokenizers import TokenizerPolicy
 from edgeforge.errors import InputError
 from edgeforge.fileio import read_json
 from edgeforge.quantize.activations import DEFAULT_NUMERICS, ActivationNumerics
-from edgeforge.quantize.scheme import WeightScheme
+from edgeforge.quantize.scheme import ActivationScheme, WeightScheme
 from edgeforge.records import Record, described
 
 MANIFEST = "edgeforge.json"
@@ -130,13 +130,16 @@ class QuantizedCheckpoint(Record):
         """The model config object (LlamaConfig or BertConfig)."""
         return model_config(self.architecture, self.config)
 
-    def block_bits_per_weight(self) -> float | None:
-        """Bits the block linears store per weight, scales and zero points included (None: none quantized)."""
+    def block_bits_per_weight(self, numerics: ActivationNumerics | None = None) -> float | None:
+        """Bits the block linears store per weight, scales and zero points included, as the runtime of
+        ``numerics`` holds them (default: the one calibration saw); None when none is quantized."""
         from edgeforge.checkpoints.loading import expected_shapes
 
         shapes = expected_shapes(self.architecture, self.model_config())
-        return bits_per_weight({name: (shapes[f"{name}.weight"], layer.weight_scheme)
-                                for name, layer in self.layers.items() if is_block_layer(name)})
+        return bits_per_weight({name: (shapes[f"{name}.weight"], layer.weight_scheme,
+                                       ActivationScheme.from_name(layer.activations))
+                                for name, layer in self.layers.items() if is_block_layer(name)},
+                               numerics or self.numerics)
 
 
 def is_block_layer(name: str) -> bool:
@@ -144,12 +147,16 @@ def is_block_layer(name: str) -> bool:
     return re.search(r"\.\d+\.", name) is not None
 
 
-def bits_per_weight(layers: dict[str, tuple[tuple[int, int], WeightScheme]]) -> float | None:
-    """Stored bits per weight of ``layers`` (name -> ((out, in), scheme)); None when there are none."""
-    weights = sum(out * width for (out, width), _ in layers.values())
+def bits_per_weight(layers: dict[str, tuple[tuple[int, int], WeightScheme, ActivationScheme]],
+                    numerics: ActivationNumerics) -> float | None:
+    """Bits per weight ``numerics``' runtime stores for ``layers`` (name -> ((out, in), scheme, activations)),
+    scales and zero points included; None when there are none."""
+    weights = sum(out * width for (out, width), *_ in layers.values())
     if not weights:
         return None
-    return 8 * sum(scheme.stored_bytes(out, width) for (out, width), scheme in layers.values()) / weights
+    stored = sum(scheme.stored_bytes(out, width, numerics.weight_storage(scheme, width, activations))
+                 for (out, width), scheme, activations in layers.values())
+    return 8 * stored / weights
 
 
 def model_config(architecture: str, config: dict):

@@ -53,6 +53,24 @@ def member_named(enum: type[Enum], kind: str, name: str):
 
 
 @dataclass(frozen=True)
+class WeightStorage:
+    """How a file holds a quantized weight: the scales' dtype, the bits of each zero point (packed along a
+    row) and, where the runtime stores a per-channel weight in blocks of K (integers padded to whole blocks,
+    the row's scale repeated in each), the block size (None: the scheme's own groups)."""
+
+    scale_dtype: torch.dtype = torch.float32
+    zero_point_bits: int = 8
+    block_size: int | None = None
+
+    @property
+    def scale_bytes(self) -> int:
+        return self.scale_dtype.itemsize
+
+
+CHECKPOINT_STORAGE = WeightStorage()  # a quantized checkpoint's tensors: float32 scales, int8 zero points
+
+
+@dataclass(frozen=True)
 class WeightScheme:
     """How a weight matrix [out, in] is quantized.
 
@@ -85,11 +103,18 @@ class WeightScheme:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
-    def stored_bytes(self, out_features: int, in_features: int) -> int:
-        """Bytes a weight [out, in] takes in this scheme: the integers at their bit width, a float32 scale
-        per group and, when asymmetric, an int8 zero point per group."""
-        groups = out_features * (in_features // self.group_size if self.group_size else 1)
-        return out_features * in_features * self.bits // 8 + groups * 4 + (0 if self.symmetric else groups)
+    def stored_bytes(self, out_features: int, in_features: int, storage: WeightStorage | None = None) -> int:
+        """Bytes a weight [out, in] takes in this scheme: the integers at their bit width, a scale per group and,
+        when asymmetric, a zero point per group, each as ``storage`` holds them (default: as the quantized
+        checkpoint does, float32 scales and int8 zero points)."""
+        storage = storage or CHECKPOINT_STORAGE
+        if storage.block_size:
+            groups = -(-in_features // storage.block_size)
+            columns = groups * storage.block_size
+        else:
+            groups, columns = (in_features // self.group_size if self.group_size else 1), in_features
+        zero_points = 0 if self.symmetric else out_features * -(-groups * storage.zero_point_bits // 8)
+        return out_features * (columns * self.bits // 8 + groups * storage.scale_bytes) + zero_points
 
     def to_dict(self) -> dict:
         return {"kind": self.KIND, "version": self.VERSION, "bits": self.bits,

@@ -16,19 +16,24 @@ MANIFEST = "edgeforge.json"
 EXPORT_DEFAULT_MAX_SEQ_LEN = 2048  # what `edgeforge export` sizes the cache to; eager models get the same
 
 
-def decode_bytes_per_token(config, layers: dict | None, *, architecture_name: str) -> int:
+def decode_bytes_per_token(config, layers: dict | None, *, architecture_name: str, numerics=None) -> int:
     """Weight bytes one decode step of the ``architecture_name`` model reads: quantized layers (a quantized
-    checkpoint record's ``layers``) at their bit width + fp32 scales (+ int8 zero points), everything else fp32;
-    an untied embedding table contributes one row."""
+    checkpoint record's ``layers``) at their bit width + scales (+ zero points) as ``numerics``' runtime stores
+    them (None: as the checkpoint does, fp32 and int8), everything else fp32; an untied embedding table
+    contributes one row."""
     from edgeforge.checkpoints import expected_shapes
     from edgeforge.models import architecture
+    from edgeforge.quantize.scheme import ActivationScheme
 
     embedding = architecture(architecture_name).embedding + ".weight"
     total = 0.0
     for name, shape in expected_shapes(architecture_name, config).items():
         layer = (layers or {}).get(name.removesuffix(".weight"))
         if layer and name.endswith(".weight"):
-            size = layer.weight_scheme.stored_bytes(*shape)
+            scheme = layer.weight_scheme
+            storage = (numerics.weight_storage(scheme, shape[1], ActivationScheme.from_name(layer.activations))
+                       if numerics else None)
+            size = scheme.stored_bytes(*shape, storage)
         else:
             size = prod(shape) * 4
         if name == embedding and not config.tie_embeddings:
@@ -75,7 +80,8 @@ def describe_bench_model(path: str | Path) -> BenchModel:
             per_token = report.expected_size_bytes
             basis = "manifest expected_size_bytes (whole model: the source checkpoint naming the layer schemes is gone)"
         else:
-            per_token = decode_bytes_per_token(config, layers, architecture_name=model.architecture)
+            per_token = decode_bytes_per_token(config, layers, architecture_name=model.architecture,
+                                               numerics=record.target.activation_numerics)
         warnings = ((f"{path}: its export guard did not run (logits never checked against eager)",)
                     if record.guard is None else ())
         warnings += (f"{path}: {report.size_warning}",) if report.size_warning else ()

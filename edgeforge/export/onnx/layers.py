@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from edgeforge.errors import UnsupportedError
-from edgeforge.quantize.activations import MLAS_BLOCK_SIZES, mlas_activation_block
+from edgeforge.quantize.activations import MLAS_BLOCK_SIZES, matmul_nbits_block
 from edgeforge.quantize.modules import QuantizedEmbedding, QuantizedLinear
 from edgeforge.quantize.scheme import ActivationScheme, QuantizedWeight, pack_int4
 
@@ -225,14 +225,8 @@ def _stack_rows(modules: list[nn.Module]) -> nn.Module | None:
 
 
 def nbits_block_size(module: QuantizedLinear, name: str, *, accuracy_level: int) -> int:
-    """MatMulNBits' block_size for a layer: its group size, or for per-channel scales (which any block
-    size holds: the row scale is repeated in each block)
-
-    - with int8 activations (accuracy_level 4), :func:`~edgeforge.quantize.activations.mlas_activation_block`:
-      the block is also the span over which onnxruntime quantizes the activations;
-    - with float activations, the size the CPU kernel takes that stores the row in the fewest bytes,
-      padding and repeated scales included, the larger on a tie.
-    """
+    """MatMulNBits' block_size for a layer: its group size, or for per-channel scales
+    :func:`~edgeforge.quantize.activations.matmul_nbits_block` (int8 activations with accuracy_level 4)."""
     in_features, groups = module.qdata.shape[1], module.scale.shape[1]
     if groups > 1:
         group_size = in_features // groups
@@ -240,15 +234,7 @@ def nbits_block_size(module: QuantizedLinear, name: str, *, accuracy_level: int)
             raise UnsupportedError(f"{name}: group size {group_size} cannot be lowered to MatMulNBits, whose "
                                    f"block size must be one of {', '.join(map(str, MLAS_BLOCK_SIZES))}")
         return group_size
-    if accuracy_level == 4:
-        return mlas_activation_block(in_features, None)
-    bits = module.scheme.bits
-
-    def row_bytes(size: int) -> float:
-        blocks = -(-in_features // size)
-        return blocks * size * bits / 8 + blocks * (4 + (module.zero_point is not None))
-
-    return min(MLAS_BLOCK_SIZES, key=lambda size: (row_bytes(size), -size))
+    return matmul_nbits_block(in_features, module.scheme, dynamic=accuracy_level == 4)
 
 
 def nbits_tensors(module: QuantizedLinear, block_size: int) -> dict[str, np.ndarray]:
