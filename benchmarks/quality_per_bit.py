@@ -5,7 +5,7 @@ statistics against the same fp32 reference on the same WikiText-2 windows.
     python ../shared/models/smollm2-135m/build.py benchmarks/work/smollm2    # the shared SmolLM2-135M, once
     bash benchmarks/peers/setup.sh llamacpp                                 # llama.cpp's rows (about 10 min)
     python benchmarks/quality_per_bit.py                                    # every row (hours on 2 cores)
-    python benchmarks/quality_per_bit.py --rows int4-awq-gptq@host --no-llamacpp
+    python benchmarks/quality_per_bit.py --rows int4-rotated-gptq@host --no-llamacpp
 
 Rows: ``RECIPE@TARGET`` (a bundled recipe exported for a target: host is the .pte, onnx-cpu the ONNX model) and
 ``plan:BITS:RECIPE@TARGET`` (`edgeforge quantize --budget-bits BITS` on that base recipe, then the same export
@@ -32,7 +32,8 @@ from quant_drift import provenance
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "quality_per_bit.json"
 DEFAULT_ROWS = ("int4-xnnpack@host", "int4-xnnpack@onnx-cpu", "int4-gptq@host", "int4-gptq@onnx-cpu",
-                "int4-awq-gptq@host", "int4-awq-gptq@onnx-cpu", "int8-dynamic@host", "int8-dynamic-rotated@host",
+                "int4-awq-gptq@host", "int4-awq-gptq@onnx-cpu", "int4-rotated-gptq@host",
+                "int4-rotated-gptq@onnx-cpu", "int4-rotated-gptq-g64@onnx-cpu", "int8-dynamic@host", "int8-dynamic-rotated@host",
                 "int8-dynamic-rotated@onnx-cpu", "int8-weight-only-rotated@onnx-cpu", "plan:5.5:int4-awq-gptq@host")
 
 
@@ -52,7 +53,8 @@ def edgeforge_row(spec: str, model: Path, calib: Path, evaluation: Path, args) -
 
 
 def artifact_storage(artifact: Path) -> dict:
-    """Bits per weight the artifact stores: block linears (its record's figure) and the head and embedding."""
+    """Bits per weight the artifact stores: block linears (its record's figure), the head (a linear) and the
+    embedding table (int8 rows with a float32 scale each, in both runtimes)."""
     from edgeforge.export import open_artifact
     from edgeforge.quantize import read_quantized
     from edgeforge.quantize.scheme import ActivationScheme
@@ -64,9 +66,10 @@ def artifact_storage(artifact: Path) -> dict:
     config = record.model_config()
     for name in ("output", "tok_embeddings"):
         layer = quantized.layers.get(name)
-        if layer is not None:
+        if layer is not None:  # the head is a linear as the runtime stores it, the table as the checkpoint does
             scheme = layer.weight_scheme
-            storage = numerics.weight_storage(scheme, config.dim, ActivationScheme.from_name(layer.activations))
+            storage = numerics.weight_storage(scheme, config.dim, ActivationScheme.from_name(layer.activations)) \
+                if name == "output" else None
             parts[name] = 8 * scheme.stored_bytes(config.vocab_size, config.dim, storage) / (config.vocab_size *
                                                                                              config.dim)
     return parts
