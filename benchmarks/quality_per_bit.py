@@ -67,11 +67,10 @@ def artifact_storage(artifact: Path) -> dict:
     for name in ("output", "tok_embeddings"):
         layer = quantized.layers.get(name)
         if layer is not None:  # the head is a linear as the runtime stores it, the table as the checkpoint does
-            scheme = layer.weight_scheme
-            storage = numerics.weight_storage(scheme, config.dim, ActivationScheme.from_name(layer.activations)) \
-                if name == "output" else None
-            parts[name] = 8 * scheme.stored_bytes(config.vocab_size, config.dim, storage) / (config.vocab_size *
-                                                                                             config.dim)
+            shape, scheme = (config.vocab_size, config.dim), layer.weight_scheme
+            stored = (numerics.stored_bytes(scheme, shape, ActivationScheme.from_name(layer.activations))
+                      if name == "output" else scheme.stored_bytes(*shape))
+            parts[name] = 8 * stored / (config.vocab_size * config.dim)
     return parts
 
 

@@ -156,9 +156,8 @@ def _size_report(model_file: Path, source: ExportSource, target: Target) -> dict
         layer, _, buffer = name.rpartition(".")
         if buffer == "qdata":
             quantized = source.quantized.layers[layer]
-            scheme, activations = quantized.weight_scheme, ActivationScheme.from_name(quantized.activations)
-            storage = target.activation_numerics.weight_storage(scheme, tensor.shape[1], activations)
-            expected += scheme.stored_bytes(*tensor.shape, storage)
+            expected += target.activation_numerics.stored_bytes(quantized.weight_scheme, tuple(tensor.shape),
+                                                                ActivationScheme.from_name(quantized.activations))
         elif buffer in ("scale", "zero_point") and f"{layer}.qdata" in state:
             continue  # the weight's own qparams are in its stored_bytes
         elif name.endswith(("scale", "zero_point")):  # activation qparams

@@ -73,6 +73,10 @@ class ActivationNumerics(str, Enum):
                                                           dynamic=activations is ActivationScheme.DYNAMIC_INT8)
         return WeightStorage(zero_point_bits=scheme.bits, block_size=block)
 
+    def stored_bytes(self, scheme: WeightScheme, shape: tuple[int, int], activations: ActivationScheme) -> int:
+        """Bytes this runtime's artifact takes for a ``scheme`` weight of ``shape`` [out, in]."""
+        return scheme.stored_bytes(*shape, self.weight_storage(scheme, shape[1], activations))
+
 
 # Without a target, quantized models compute what the most common one runs: ExecuTorch's XNNPACK.
 DEFAULT_NUMERICS = ActivationNumerics.XNNPACK

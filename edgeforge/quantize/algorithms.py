@@ -190,7 +190,7 @@ class Gptq(Algorithm):
     def round(self, rows, scheme, stats):
         if stats.hessian is None:
             return rounded_to_nearest(rows, scheme, stats, self.scales, clip_grid=self.grid)
-        if stats.drift is not None and self.fp32_alignment > 0:
+        if self.fp32_alignment:  # the driver measured the drift (observe)
             rows = rows + self.fp32_alignment * (rows @ stats.fp32_alignment(damp=self.damp))
         inverse = stats.inverse_hessian(damp=self.damp, act_order=self.act_order)
         if self.scales.importance:  # static groups: the searched qparams of the weight before any update

@@ -90,11 +90,16 @@ def fp32_alignment(hessian: torch.Tensor, drift: torch.Tensor, *, damp: float) -
     with H damped as GPTQ damps it. GPTQ rounding that weight against H then minimises ‖W X_fp − Ŵ X‖ rather
     than ‖W X − Ŵ X‖: it also undoes what the layers before it got wrong (the "asymmetric calibration" of
     GPTQv2, Li et al. 2025, arXiv:2504.02692, here in its closed form)."""
-    hessian = hessian.double().clone()
+    hessian = _damp_(hessian.double().clone(), damp)
+    return torch.linalg.solve(hessian, drift.double().T).T.float()
+
+
+def _damp_(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``hessian`` with dead inputs given a unit diagonal, then ``damp`` x the mean diagonal added (in place)."""
     diagonal = hessian.diagonal()
     diagonal[diagonal == 0] = 1.0
     diagonal.add_(damp * diagonal.mean())
-    return torch.linalg.solve(hessian, drift.double().T).T.float()
+    return hessian
 
 
 class InverseHessian(NamedTuple):
@@ -230,12 +235,9 @@ def _ordered_inverse_hessian(hessian: torch.Tensor, *, damp: float,
     # One float32 working copy (the caller's Hessian is shared by every linear reading the same input;
     # float32 as in the reference implementation, the damping keeps it well conditioned), and each
     # intermediate dropped as soon as the next exists: for an 8192-wide input each is 256 MiB.
-    hessian = hessian.float()[order[:, None], order[None, :]]
-    diagonal = hessian.diagonal()
-    diagonal[diagonal == 0] = 1.0
-    diagonal.add_(damp * diagonal.mean())
+    hessian = _damp_(hessian.float()[order[:, None], order[None, :]], damp)
     factor, info = torch.linalg.cholesky_ex(hessian)
-    del hessian, diagonal
+    del hessian
     if not info:
         inverse = torch.cholesky_inverse(factor)
         del factor

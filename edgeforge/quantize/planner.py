@@ -136,8 +136,7 @@ class Planner:
 
     def stored_bytes(self, scheme: WeightScheme, shape: tuple[int, int]) -> int:
         """Bytes the target's artifact stores for a ``scheme`` weight of ``shape``."""
-        storage = self.target.activation_numerics.weight_storage(scheme, shape[1], self.recipe.activations)
-        return scheme.stored_bytes(*shape, storage)
+        return self.target.activation_numerics.stored_bytes(scheme, shape, self.recipe.activations)
 
     def bits(self, schemes: dict[str, WeightScheme]) -> float:
         """Stored bits per weight of the block linears under ``schemes``."""

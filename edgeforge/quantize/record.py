@@ -154,8 +154,7 @@ def bits_per_weight(layers: dict[str, tuple[tuple[int, int], WeightScheme, Activ
     weights = sum(out * width for (out, width), *_ in layers.values())
     if not weights:
         return None
-    stored = sum(scheme.stored_bytes(out, width, numerics.weight_storage(scheme, width, activations))
-                 for (out, width), scheme, activations in layers.values())
+    stored = sum(numerics.stored_bytes(scheme, shape, activations) for shape, scheme, activations in layers.values())
     return 8 * stored / weights
 
 

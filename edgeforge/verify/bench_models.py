@@ -30,10 +30,8 @@ def decode_bytes_per_token(config, layers: dict | None, *, architecture_name: st
     for name, shape in expected_shapes(architecture_name, config).items():
         layer = (layers or {}).get(name.removesuffix(".weight"))
         if layer and name.endswith(".weight"):
-            scheme = layer.weight_scheme
-            storage = (numerics.weight_storage(scheme, shape[1], ActivationScheme.from_name(layer.activations))
-                       if numerics else None)
-            size = scheme.stored_bytes(*shape, storage)
+            size = (numerics.stored_bytes(layer.weight_scheme, shape, ActivationScheme.from_name(layer.activations))
+                    if numerics else layer.weight_scheme.stored_bytes(*shape))
         else:
             size = prod(shape) * 4
         if name == embedding and not config.tie_embeddings:
