@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from edgeforge.checkpoints import DEFAULT_CHECKPOINT, open_checkpoint
 from edgeforge.cli import main
+from edgeforge.verify.machine import cpu_model
 from edgeforge.verify.bench import BenchSettings, bandwidth_ceiling, bench, decode_bytes_per_token, format_bench
 
 REPETITIONS = 2
@@ -104,6 +105,20 @@ def test_bytes_per_token_counts_one_row_of_an_untied_embedding():
     untied = replace(config, tie_embeddings=False)  # a separate head, and one embedding row per token
     untied_bytes = decode_bytes_per_token(untied, None, architecture_name="llama")
     assert untied_bytes == (checkpoint.parameter_count + config.dim) * 4
+
+
+PI4_CORE = "processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n" \
+           "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: {part}\nCPU revision\t: 3\n\n"
+
+
+def test_cpu_model_names_arm_cores_which_report_no_model_name():
+    pi4 = "".join(PI4_CORE.format(n=n, part="0xd08") for n in range(4)) + "Hardware\t: BCM2835\nModel\t: Raspberry Pi 4"
+    assert cpu_model(pi4) == "4x Cortex-A72"
+    little_big = "".join(PI4_CORE.format(n=n, part=part) for n, part in enumerate(["0xd05"] * 6 + ["0xd0b"] * 2))
+    assert cpu_model(little_big) == "6x Cortex-A55 + 2x Cortex-A76"
+    assert cpu_model(PI4_CORE.format(n=0, part="0xfff")) == "1x implementer 0x41 part 0xfff"
+    assert cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t: fpu\n") == "AMD EPYC 7B13"
+    assert cpu_model("Hardware\t: Tensor G3\n") == "Tensor G3" and cpu_model("") is None
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path):

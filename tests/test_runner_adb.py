@@ -130,6 +130,7 @@ def test_phone_facts_parse_from_the_recorded_shell_output():
     assert facts["battery"] == {"level": 85, "temperature_c": 29.3, "status": "2", "powered": ["USB"]}
     assert facts["screen"] == {"wakefulness": "Awake", "display": "ON"}
     assert (facts["memory_total_bytes"], facts["load_average_1m"]) == (7801608 * 1024, 2.41)
+    assert facts["cpu_model"] == "4x Cortex-A510 + 4x Cortex-A715 + 1x Cortex-X3"
     rooted = (DATA / "pixel8-facts.txt").read_text().replace("timeout: exec su: No such file or directory",
                                                              "uid=0(root) gid=0(root) context=u:r:magisk:s0")
     assert parse_facts(rooted)["rooted"] is True

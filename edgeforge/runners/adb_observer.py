@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from edgeforge.errors import ConfigError, RuntimeFailure
 from edgeforge.runners import LoadFacts, Samples
+from edgeforge.verify.machine import cpu_model
 
 OBSERVER_PREFIX = "PyTorchObserver "
 OBSERVER_FIELDS = ("prompt_tokens", "generated_tokens", "model_load_start_ms", "model_load_end_ms",
@@ -164,7 +165,7 @@ FACTS_COMMANDS = {  # one `adb shell` round trip; each section's output starts a
     "su": "timeout 5 su -c id </dev/null 2>&1",
     "props": "getprop",
     "cpus": "cat /sys/devices/system/cpu/possible",
-    "cpuinfo": "grep -m1 -E '^(Hardware|model name)' /proc/cpuinfo",
+    "cpuinfo": "grep -E '^(Hardware|model name|CPU implementer|CPU part)' /proc/cpuinfo",
     "meminfo": "grep MemTotal /proc/meminfo",
     "loadavg": "cat /proc/loadavg",
     "kernel": "uname -r",
@@ -192,7 +193,7 @@ def parse_facts(output: str) -> dict:
     return {"uid": uid, "rooted": uid == 0 or _uid(sections.get("su", "")) == 0,
             "props": {key: props[key] for key in PROPS if props.get(key)},
             "cpus": len(cpu_list(sections.get("cpus", ""))),
-            "cpu_model": sections.get("cpuinfo", "").partition(":")[2].strip() or None,
+            "cpu_model": cpu_model(sections.get("cpuinfo", "")),
             "memory_total_bytes": _first_int(sections.get("meminfo", ""), scale=1024),
             "load_average_1m": float((sections.get("loadavg", "").split() or ["0"])[0]),
             "kernel": sections.get("kernel", "").strip(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,20 +28,30 @@ CACHE_MULTIPLE = 4  # the bandwidth working set is at least this many times the 
 MIN_WORKING_SET_BYTES = 256 * 2**20
 MEMORY_SHARE = 0.25  # never take more than this share of MemAvailable for the working set
 VERSIONED_PACKAGES = ("torch", "executorch", "onnxruntime", "torchao", "numpy")
+ARM = 0x41
+ARM_CORES = {  # (CPU implementer, CPU part) of /proc/cpuinfo: the cores of phones and boards (Arm's TRMs)
+    (ARM, 0xd03): "Cortex-A53", (ARM, 0xd04): "Cortex-A35", (ARM, 0xd05): "Cortex-A55", (ARM, 0xd07): "Cortex-A57",
+    (ARM, 0xd08): "Cortex-A72", (ARM, 0xd09): "Cortex-A73", (ARM, 0xd0a): "Cortex-A75", (ARM, 0xd0b): "Cortex-A76",
+    (ARM, 0xd0c): "Neoverse-N1", (ARM, 0xd0d): "Cortex-A77", (ARM, 0xd40): "Neoverse-V1", (ARM, 0xd41): "Cortex-A78",
+    (ARM, 0xd44): "Cortex-X1", (ARM, 0xd46): "Cortex-A510", (ARM, 0xd47): "Cortex-A710", (ARM, 0xd48): "Cortex-X2",
+    (ARM, 0xd49): "Neoverse-N2", (ARM, 0xd4d): "Cortex-A715", (ARM, 0xd4e): "Cortex-X3", (ARM, 0xd4f): "Neoverse-V2",
+    (ARM, 0xd80): "Cortex-A520", (ARM, 0xd81): "Cortex-A720", (ARM, 0xd82): "Cortex-X4", (ARM, 0xd87): "Cortex-A725",
+    (ARM, 0xd85): "Cortex-X925",
+}
 
 
 @dataclass(frozen=True)
 class Machine:
     """Provenance of a measurement.
 
-    cpu_model: /proc/cpuinfo "model name"; logical_cpus: os.cpu_count(); usable_cpus: CPUs this process
+    cpu_model: /proc/cpuinfo's "model name", on ARM its cores (:func:`cpu_model`); logical_cpus: os.cpu_count(); usable_cpus: CPUs this process
     may run on (affinity); threads: threads the benchmark asked for; governor / cur_freq_khz / max_freq_khz:
     cpufreq of cpu0 (None where /sys has no cpufreq, e.g. in most VMs); llc_bytes: last-level cache that
     cpu0 sees; load_average_1m: the run queue when the facts were read (above usable_cpus, other processes
     compete for the CPUs); versions: installed package versions (None if not installed); timestamp: RFC 3339 UTC.
     """
 
-    cpu_model: str | None = described('/proc/cpuinfo "model name"')
+    cpu_model: str | None = described('/proc/cpuinfo "model name"; on ARM its cores ("4x Cortex-A72")')
     logical_cpus: int = described("os.cpu_count()")
     usable_cpus: int = described("CPUs this process may run on (affinity)")
     threads: int = described("threads the benchmark asked for")
@@ -67,7 +78,8 @@ class Machine:
 def describe_machine(*, threads: int) -> Machine:
     """What this machine is, read now."""
     return Machine(
-        cpu_model=_cpuinfo_field("model name"), logical_cpus=os.cpu_count() or 0,
+        cpu_model=cpu_model(read_stripped(Path("/proc/cpuinfo")) or "") or platform.processor() or None,
+        logical_cpus=os.cpu_count() or 0,
         usable_cpus=len(os.sched_getaffinity(0)), threads=threads,
         governor=read_stripped(CPU_SYSFS / "cpufreq" / "scaling_governor"),
         cur_freq_khz=read_int(CPU_SYSFS / "cpufreq" / "scaling_cur_freq"),
@@ -285,12 +297,31 @@ def _parse_size(text: str) -> int:
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
-def _cpuinfo_field(name: str) -> str | None:
-    for line in (read_stripped(Path("/proc/cpuinfo")) or "").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return platform.processor() or None
+def cpu_model(cpuinfo: str) -> str | None:
+    """The CPU a /proc/cpuinfo text describes: x86's "model name"; on ARM, which reports none, its cores by
+    "CPU implementer" and "CPU part" ("4x Cortex-A72", "2x Cortex-X4 + 6x Cortex-A720"), else "Hardware"."""
+    found: dict[str, str] = {}
+    cores: list[str] = []
+    for line in cpuinfo.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "CPU part":
+            cores.append(_arm_core_name(found.get("CPU implementer", ""), value))
+        found.setdefault(key, value)
+        if key == "CPU implementer":
+            found[key] = value
+    if found.get("model name"):
+        return found["model name"]
+    if cores:
+        return " + ".join(f"{count}x {name}" for name, count in Counter(cores).items())
+    return found.get("Hardware") or None
+
+
+def _arm_core_name(implementer: str, part: str) -> str:
+    try:
+        key = (int(implementer, 16), int(part, 16))
+    except ValueError:
+        return f"implementer {implementer} part {part}"
+    return ARM_CORES.get(key, f"implementer {key[0]:#x} part {key[1]:#x}")
 
 
 def _meminfo_bytes(field: str) -> int | None:
