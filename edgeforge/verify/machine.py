@@ -44,8 +44,8 @@ ARM_CORES = {  # (CPU implementer, CPU part) of /proc/cpuinfo: the cores of phon
 class Machine:
     """Provenance of a measurement.
 
-    cpu_model: /proc/cpuinfo's "model name", on ARM its cores (:func:`cpu_model`); logical_cpus: os.cpu_count(); usable_cpus: CPUs this process
-    may run on (affinity); threads: threads the benchmark asked for; governor / cur_freq_khz / max_freq_khz:
+    cpu_model: /proc/cpuinfo's "model name", on ARM its cores (:func:`cpu_model`); logical_cpus: os.cpu_count();
+    usable_cpus: CPUs this process may run on (affinity); threads: threads the benchmark asked for; governor / cur_freq_khz / max_freq_khz:
     cpufreq of cpu0 (None where /sys has no cpufreq, e.g. in most VMs); llc_bytes: last-level cache that
     cpu0 sees; load_average_1m: the run queue when the facts were read (above usable_cpus, other processes
     compete for the CPUs); versions: installed package versions (None if not installed); timestamp: RFC 3339 UTC.
@@ -302,13 +302,14 @@ def cpu_model(cpuinfo: str) -> str | None:
     "CPU implementer" and "CPU part" ("4x Cortex-A72", "2x Cortex-X4 + 6x Cortex-A720"), else "Hardware"."""
     found: dict[str, str] = {}
     cores: list[str] = []
+    implementer = ""
     for line in cpuinfo.splitlines():
         key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "CPU part":
-            cores.append(_arm_core_name(found.get("CPU implementer", ""), value))
-        found.setdefault(key, value)
         if key == "CPU implementer":
-            found[key] = value
+            implementer = value
+        elif key == "CPU part":
+            cores.append(_arm_core_name(implementer, value))
+        found.setdefault(key, value)
     if found.get("model name"):
         return found["model name"]
     if cores:
